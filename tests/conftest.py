@@ -1,0 +1,56 @@
+"""Session-scoped, cached fixtures shared by every test module (see tests/fixtures.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import fixtures
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    return fixtures.tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_zephyr():
+    """Path of the tiny random Mistral checkpoint with the Zephyr chat template."""
+    return fixtures.tiny_zephyr_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_zephyr_no_template():
+    return fixtures.tiny_zephyr_no_template_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of the real SmolLM2-135M-Instruct checkpoint (bf16 safetensors)."""
+    return fixtures.smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_zephyr):
+    import zlocal
+
+    return zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
+
+
+@pytest.fixture(scope="session")
+def smollm2_runtime(smollm2):
+    import zlocal
+
+    return zlocal.load(str(smollm2), dtype="float32", max_context=2048)

