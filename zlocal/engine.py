@@ -172,13 +172,11 @@ class Engine:
             generated += 1
             self.stats.generated_tokens += 1
             text = stopper.feed(decoder.push(token))
+            # One response per token, even when it completes no character yet (token ids stay whole).
+            yield response(text, token)
             if stopper.stopped:
                 finish = "stop"
-                if text:
-                    yield response(text, token)
                 break
-            if text:
-                yield response(text, token)
             if generated >= params.max_new_tokens:
                 break
             if penalize:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine, GenerationResponse
-from .errors import BusyError, ContextOverflowError, InvalidArgumentError
+from .errors import BusyError, CheckpointError, ContextOverflowError, InvalidArgumentError
 from .loader import load_config, load_for_runtime
 from .resolve import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .sampling import SamplingParams
@@ -276,6 +276,34 @@ def _generation_defaults(model) -> dict[str, Any]:
     return out
 
 
+def load_chat_template(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    chat_template: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    download: bool = False,
+    revision: str | None = None,
+):
+    """Resolve MODEL and build its validated chat template without loading any weights.
+
+    Returns (resolved, config, tokenizer, template).
+    """
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(model, revision=revision, download=download, allow_pickle=allow_pickle)
+    config = load_config(resolved)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{resolved.name}: cannot load the tokenizer: {exc}") from exc
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    template = build_template(tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template)
+    return resolved, config, tokenizer, template
+
+
 def load(
     model: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -294,17 +322,10 @@ def load(
     ``smollm2-135m``). ``max_context`` caps the KV cache (default: the model's context, at most 4096).
     ``chat_template``: a .jinja file overriding the checkpoint's template.
     """
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
-    resolved = resolve_model(model, revision=revision, download=download, allow_pickle=allow_pickle)
-    config = load_config(resolved)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if tokenizer.eos_token_id is not None:
-        eos_ids.append(tokenizer.eos_token_id)
-    template = build_template(tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template)
+    resolved, config, tokenizer, template = load_chat_template(
+        model, chat_template=chat_template, allow_pickle=allow_pickle, download=download, revision=revision
+    )
     loaded = load_for_runtime(resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context)
     info = LoadInfo(
         model=str(model),

@@ -25,7 +25,9 @@ def zephyr_template() -> str:
 
 def is_zephyr_family(name: str, config: Any) -> bool:
     """True for checkpoints of the Zephyr family (Mistral-7B fine-tunes published as zephyr-*)."""
-    hay = " ".join([name, str(getattr(config, "_name_or_path", "") or "")]).lower()
+    # Basenames only: a parent directory named "zephyr-work" says nothing about the model.
+    names = [name, str(getattr(config, "_name_or_path", "") or "")]
+    hay = " ".join(Path(n.rstrip("/")).name for n in names).lower()
     return "zephyr" in hay and getattr(config, "model_type", "") == "mistral"
 
 
@@ -132,32 +134,35 @@ def build_template(
         )
 
     tpl = ChatTemplate(tokenizer=tokenizer, source=source, origin=origin)
-    probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
+    # A probe conversation that continues after the assistant turn, so templates that only close
+    # a turn when another follows are judged fairly.
+    probe = [
+        {"role": "user", "content": _PROBE_USER},
+        {"role": "assistant", "content": _PROBE_ASSISTANT},
+        {"role": "user", "content": _PROBE_USER + "-2"},
+    ]
     rendered = tpl.render(probe, add_generation_prompt=False)
     if _PROBE_USER not in rendered or _PROBE_ASSISTANT not in rendered:
         raise TemplateError(f"chat template ({origin}) drops message content; it cannot be used for chat")
     try:
-        with_sys = tpl.render([{"role": "system", "content": "zlocal-probe-system"}, *probe], False)
+        with_sys = tpl.render([{"role": "system", "content": "zlocal-probe-system"}, *probe[:2]], False)
         tpl.supports_system = "zlocal-probe-system" in with_sys
     except TemplateError:
         tpl.supports_system = False
 
-    # The text right after the assistant's content must start with a special token: that is the
-    # end-of-turn marker the model learned to emit, and what generation stops on.
-    tail = rendered.split(_PROBE_ASSISTANT, 1)[1]
+    # What follows the assistant's content must hold a special token: that is the end-of-turn
+    # marker the model learned to emit, and what generation stops on.
+    tail = rendered.split(_PROBE_ASSISTANT, 1)[1].split(_PROBE_USER + "-2", 1)[0]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     specials = _special_ids(tokenizer)
     stops = [int(i) for i in eos_token_ids if i is not None]
     end_of_turn = next((i for i in tail_ids if i in specials), None)
-    if end_of_turn is not None:
-        stops.append(int(end_of_turn))
-    elif not tail.strip() and stops:
-        pass  # the template relies on the model emitting EOS itself
-    else:
+    if end_of_turn is None:
         raise TemplateError(
-            f"chat template ({origin}) ends assistant turns with {tail[:20]!r}, which holds no special "
+            f"chat template ({origin}) ends assistant turns with {tail[:24]!r}, which holds no special "
             "token to stop on; fix the template or the tokenizer's special tokens"
         )
+    stops.append(int(end_of_turn))
     if not stops:
         raise TemplateError("the tokenizer has no EOS token and the template no end-of-turn token to stop on")
     tpl.stop_token_ids = sorted(set(stops))

@@ -1,0 +1,74 @@
+"""`zlocal chat MODEL`: an interactive streaming chat REPL, or one-shot with --prompt."""
+
+from __future__ import annotations
+
+import sys
+
+from ._common import add_model_args, add_sampling_args, check_sampling, load_runtime, print_stats, sampling_kwargs
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model (REPL, or one-shot with --prompt)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="one message; print the reply and exit")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
+
+
+def _stream(session, text: str, sampling: dict, stats: bool) -> None:
+    last = None
+    stream = session.stream(text, **sampling)
+    try:
+        for r in stream:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write("\n[interrupted]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats and last is not None:
+        print_stats(last)
+
+
+def run(args) -> int:
+    check_sampling(args)
+    rt = load_runtime(args)
+    session = rt.session(system=args.system)
+    sampling = sampling_kwargs(args)
+    if args.prompt is not None:
+        _stream(session, args.prompt, sampling, args.stats)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"zlocal chat: {rt.info.model} on {rt.info.device} ({rt.info.dtype}). {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("[conversation reset]", file=sys.stderr)
+        elif text.startswith("/system"):
+            session.set_system(text[len("/system"):].strip())
+            print(f"[system prompt {'set' if session.system else 'cleared'}; conversation reset]", file=sys.stderr)
+        elif text.startswith("/help"):
+            print(HELP, file=sys.stderr)
+        elif text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
+        else:
+            _stream(session, line, sampling, args.stats)
+    return 0

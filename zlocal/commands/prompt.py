@@ -1,0 +1,32 @@
+"""`zlocal prompt MODEL --messages FILE.json`: print the exact prompt the runtime feeds the model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..runtime import load_chat_template
+from ..template import load_messages_file
+from ._common import add_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prompt", help="render messages with the model's chat template (no weights loaded)")
+    add_model_args(p)
+    p.add_argument("--messages", required=True, metavar="FILE.json", help="JSON list of {role, content}")
+    p.add_argument("--no-generation-prompt", action="store_true", help="do not open an assistant turn")
+    p.add_argument("--ids", action="store_true", help="also print the token ids (JSON on stderr)")
+
+
+def run(args) -> int:
+    messages = load_messages_file(args.messages)
+    _, _, tokenizer, template = load_chat_template(
+        args.model, chat_template=args.chat_template, allow_pickle=args.allow_pickle, download=args.download
+    )
+    text = template.render(messages, add_generation_prompt=not args.no_generation_prompt)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if args.ids:
+        ids = template.encode(messages, add_generation_prompt=not args.no_generation_prompt)
+        print(json.dumps({"token_ids": ids, "count": len(ids), "template": template.origin}), file=sys.stderr)
+    return 0
