@@ -1,0 +1,480 @@
+"""The load planner: hardware + model + wanted context -> a ``LoadPlan`` saying how to run it.
+
+Candidates are every (GPU format, CPU format) pair the machine has kernels for, each with as many
+decoder layers on the GPU as fit. A candidate fits when its estimates stay within the usable VRAM
+and RAM (free memory minus a reserve). Among those that fit, the default policy ("quality") takes
+the best quality that still fits with headroom and decodes at reading speed; "speed" takes the
+fastest. If nothing fits at the wanted context the context is halved (down to 512) and, failing
+that, the plan says it does not fit instead of pretending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import PlanError
+from .hardware import HardwareReport
+from .memory import DTYPE_BYTES, FORMAT_BITS, GIB, MIB, ModelShape, estimate, kv_bytes_per_layer
+
+MIN_CONTEXT = 512
+MIN_TOK_S = 8.0  # about reading speed: below it the quality policy gives way to speed
+HEADROOM = 0.10  # quality plans keep this share of usable memory free
+GPU_RESERVE_MIN = 256 * MIB
+RAM_RESERVE_MIN = 512 * MIB
+
+# Share of the memory bandwidth each kernel reaches at batch 1 (from the anchors: bitsandbytes
+# NF4 ~12 vs GPTQ ~21 tok/s on one GPU, LLM.int8 ~6.5 vs fp16 ~30; CPU numbers measured here).
+GPU_EFFICIENCY = {
+    "bf16": 0.75,
+    "fp16": 0.75,
+    "fp32": 0.75,
+    "nf4": 0.35,
+    "fp4": 0.35,
+    "bnb-int8": 0.12,
+    "gptq": 0.6,
+}
+GPU_LAYER_OVERHEAD_S = 0.0003  # python + kernel launches per decoder layer, eager mode
+CPU_LAYER_OVERHEAD_S = 0.00015
+QUALITY = {
+    "fp32": 1.0,
+    "bf16": 1.0,
+    "fp16": 1.0,
+    "int8": 0.995,
+    "bnb-int8": 0.99,
+    "gptq": 0.96,
+    "nf4": 0.94,
+    "fp4": 0.92,
+    "int4": 0.93,
+}
+_DTYPE_FORMAT = {
+    "float32": "fp32",
+    "fp32": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "fp16": "fp16",
+}
+
+
+def cpu_efficiency(fmt: str, cores: int) -> float:
+    """Share of RAM bandwidth a CPU kernel reaches; int4 unpacking is compute-bound on few cores."""
+    per_core = {"int4": 0.28, "int8": 0.5}.get(fmt, 0.5)
+    return min(0.9, per_core * max(1, cores))
+
+
+@dataclass
+class LoadPlan:
+    """How a model will be loaded and run. The first eleven fields are the documented contract."""
+
+    weights_format: str
+    bits: int
+    gpu_layers: int
+    cpu_layers: int
+    kv_cache_dtype: str
+    max_context: int
+    compute_dtype: str
+    estimated_vram_bytes: int
+    estimated_ram_bytes: int
+    predicted_decode_tok_s: float
+    reasons: list[str] = field(default_factory=list)
+    # extras
+    fits: bool = True
+    model: str = ""
+    hardware: str = ""
+    gpu_format: str | None = None
+    cpu_format: str | None = None
+    group_size: int = 128
+    quantize_on_load: bool = False
+    gpu_device: str | None = None
+    usable_vram_bytes: int = 0
+    usable_ram_bytes: int = 0
+    quality: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoadPlan:
+        """Rebuild a plan; PlanError naming the problem when keys or types are wrong."""
+        if not isinstance(data, dict):
+            raise PlanError("a plan must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        required = [f.name for f in fields(cls)][:10]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise PlanError(
+                f"plan is missing {', '.join(missing)}; write one with `zlocal plan MODEL --json`"
+            )
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in (
+            "bits",
+            "gpu_layers",
+            "cpu_layers",
+            "max_context",
+            "estimated_vram_bytes",
+            "estimated_ram_bytes",
+        ):
+            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool) or kwargs[key] < 0:
+                raise PlanError(f"plan field {key} must be a non-negative integer, got {kwargs[key]!r}")
+        if kwargs["max_context"] < 1:
+            raise PlanError("plan field max_context must be at least 1")
+        if not isinstance(kwargs.get("reasons", []), list):
+            raise PlanError("plan field reasons must be a list of strings")
+        return cls(**kwargs)
+
+    def summary(self) -> str:
+        """Human-readable plan for ``zlocal plan``."""
+        lines = [
+            f"model: {self.model}   hardware: {self.hardware}",
+            f"fits: {'yes' if self.fits else 'NO'}",
+            f"weights: {self.weights_format} ({self.bits}-bit)"
+            + (", quantized on load" if self.quantize_on_load else ""),
+            f"layers: {self.gpu_layers} on GPU ({self.gpu_format or '-'}), {self.cpu_layers} on CPU "
+            f"({self.cpu_format or '-'})",
+            f"compute dtype: {self.compute_dtype}   "
+            f"KV cache: {self.kv_cache_dtype}, {self.max_context} tokens",
+            f"VRAM: {self.estimated_vram_bytes / GIB:.2f} GiB of {self.usable_vram_bytes / GIB:.2f} usable   "
+            f"RAM: {self.estimated_ram_bytes / GIB:.2f} GiB of {self.usable_ram_bytes / GIB:.2f} usable",
+            f"predicted decode: {self.predicted_decode_tok_s:.1f} tok/s",
+        ]
+        return "\n".join(lines + [f"- {r}" for r in self.reasons])
+
+
+def save_plan(plan: LoadPlan, path: str | os.PathLike) -> Path:
+    """Write the plan JSON atomically (temp file + rename)."""
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(plan.to_json())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def load_plan(path: str | os.PathLike) -> LoadPlan:
+    """Read a plan JSON written by ``zlocal plan --json`` or ``save_plan``."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"cannot read plan {p.name}: {exc.__class__.__name__}: {exc}") from exc
+    return LoadPlan.from_dict(data)
+
+
+# -- the planner ---------------------------------------------------------------------------------
+@dataclass
+class _Budget:
+    vram: int
+    ram: int
+    gpu_bw: float
+    cpu_bw: float
+    cores: int
+
+
+@dataclass
+class _Spec:
+    """What stays fixed while the planner tries placements."""
+
+    shape: ModelShape
+    budget: _Budget
+    compute: str
+    source_quant: dict | None = None
+    group_size: int = 128
+    chunk: int = 512
+
+
+def usable_memory(hw: HardwareReport, max_vram_bytes: int | None = None) -> tuple[int, int]:
+    """(usable VRAM, usable RAM): free memory minus the allocator / OS reserve."""
+    vram = 0
+    if hw.gpu is not None:
+        free = hw.gpu.free_bytes if max_vram_bytes is None else min(hw.gpu.free_bytes, max_vram_bytes)
+        vram = max(0, free - max(GPU_RESERVE_MIN, int(0.05 * hw.gpu.total_bytes)))
+    ram = max(0, hw.ram_available_bytes - max(RAM_RESERVE_MIN, int(0.10 * hw.ram_available_bytes)))
+    return vram, ram
+
+
+def _formats(hw: HardwareReport, dense: str, source_quant: dict | None) -> tuple[list[str], list[str]]:
+    k = hw.kernels
+    if source_quant:
+        on_gpu = hw.gpu is not None and any(k.get(n) for n in ("gptqmodel_marlin", "gptqmodel_exllama"))
+        return (["gptq"] if on_gpu else []), (["gptq"] if k.get("gptqmodel_torch") else [])
+    gpu = [dense] + (["bnb-int8", "nf4"] if k.get("bitsandbytes_cuda") else []) if hw.gpu else []
+    cpu = (
+        [dense]
+        + (["int8"] if k.get("torch_int8_cpu", True) else [])
+        + (["int4"] if k.get("torch_int4_cpu", True) else [])
+    )
+    return gpu, cpu
+
+
+def _bits(fmt: str | None, source_quant: dict | None, compute: str) -> int:
+    if fmt == "gptq":
+        return int((source_quant or {}).get("bits", 4))
+    return FORMAT_BITS.get(fmt or compute, 16)
+
+
+def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> float:
+    """Bandwidth model: bytes read per token on each device over its effective bandwidth."""
+    from .memory import embedding_bytes, head_bytes, layer_weight_bytes
+
+    shape, b, group_size = spec.shape, spec.budget, spec.group_size
+    compute_bytes = DTYPE_BYTES[spec.compute]
+    bits = _bits(gpu_fmt if g else cpu_fmt, spec.source_quant, spec.compute)
+    n = shape.num_layers
+    kv_half = kv_bytes_per_layer(shape, max(1, ctx // 2), compute_bytes)  # a half-full context on average
+    t = 0.0
+    head = head_bytes(shape, compute_bytes) + (
+        embedding_bytes(shape, compute_bytes) if shape.tie_word_embeddings else 0
+    )
+    if g:
+        eff = GPU_EFFICIENCY.get(gpu_fmt, 0.6)
+        per_layer = layer_weight_bytes(shape, gpu_fmt, compute_bytes, bits, group_size)
+        t += g * (
+            per_layer / (b.gpu_bw * 1e9 * eff) + kv_half / (b.gpu_bw * 1e9 * 0.75) + GPU_LAYER_OVERHEAD_S
+        )
+        t += head / (b.gpu_bw * 1e9 * 0.75)
+    if n - g:
+        eff = cpu_efficiency(cpu_fmt, b.cores)
+        per_layer = layer_weight_bytes(shape, cpu_fmt, compute_bytes, bits, group_size)
+        t += (n - g) * (
+            per_layer / (b.cpu_bw * 1e9 * eff) + kv_half / (b.cpu_bw * 1e9 * 0.9) + CPU_LAYER_OVERHEAD_S
+        )
+        if not g:
+            t += head / (b.cpu_bw * 1e9 * cpu_efficiency("bf16", b.cores))
+    if g and n - g:
+        t += 0.0005  # hidden state hop between devices
+    return round(1.0 / t, 2) if t > 0 else 0.0
+
+
+def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> LoadPlan:
+    shape, b, compute, source_quant = spec.shape, spec.budget, spec.compute, spec.source_quant
+    group_size, chunk = spec.group_size, spec.chunk
+    cb = DTYPE_BYTES[compute]
+    n = shape.num_layers
+    bits_gpu, bits_cpu = _bits(gpu_fmt, source_quant, compute), _bits(cpu_fmt, source_quant, compute)
+    est = estimate(
+        shape,
+        ctx=ctx,
+        gpu_layers=g,
+        gpu_format=gpu_fmt or compute,
+        cpu_format=cpu_fmt or compute,
+        compute_bytes=cb,
+        kv_bytes=cb,
+        bits=bits_gpu if g else bits_cpu,
+        group_size=group_size,
+        prefill_chunk=chunk,
+    )
+    # streaming load keeps one fp32 source tensor and its quantized copy in flight
+    biggest = max(o * i for o, i in [*shape.linear_shapes(), (shape.vocab_size, shape.hidden_size)])
+    ram = est.ram_bytes + biggest * 4 * 2
+    main_fmt = gpu_fmt if g else cpu_fmt
+    quality = (g * QUALITY.get(gpu_fmt or compute, 0.9) + (n - g) * QUALITY.get(cpu_fmt or compute, 0.9)) / n
+    return LoadPlan(
+        weights_format=main_fmt,
+        bits=bits_gpu if g else bits_cpu,
+        gpu_layers=g,
+        cpu_layers=n - g,
+        kv_cache_dtype=compute,
+        max_context=ctx,
+        compute_dtype=compute,
+        estimated_vram_bytes=est.vram_bytes,
+        estimated_ram_bytes=ram,
+        predicted_decode_tok_s=predict_tok_s(spec, ctx, g, gpu_fmt, cpu_fmt),
+        gpu_format=gpu_fmt if g else None,
+        cpu_format=cpu_fmt if n - g else None,
+        group_size=group_size,
+        quantize_on_load=not source_quant
+        and any(
+            f not in ("bf16", "fp16", "fp32")
+            for f in ((gpu_fmt,) if g else ()) + ((cpu_fmt,) if n - g else ())
+        ),
+        gpu_device="cuda:0" if g else None,
+        usable_vram_bytes=b.vram,
+        usable_ram_bytes=b.ram,
+        quality=round(quality, 4),
+    )
+
+
+def _fits(p: LoadPlan, b: _Budget, headroom: float = 0.0) -> bool:
+    return p.estimated_vram_bytes <= b.vram * (1 - headroom) and p.estimated_ram_bytes <= b.ram * (
+        1 - headroom
+    )
+
+
+def _candidates(spec: _Spec, ctx: int, hw: HardwareReport) -> list[LoadPlan]:
+    gpu_fmts, cpu_fmts = _formats(hw, spec.compute, spec.source_quant)
+    n, b = spec.shape.num_layers, spec.budget
+    out = []
+    pairs = [
+        (gf, cf) for gf in gpu_fmts for cf in cpu_fmts if FORMAT_BITS.get(cf, 4) <= FORMAT_BITS.get(gf, 16)
+    ]
+    pairs += [(None, cf) for cf in cpu_fmts]
+    if not cpu_fmts:
+        pairs += [(gf, None) for gf in gpu_fmts]
+    for gf, cf in pairs:
+        if gf is None:
+            out.append(_candidate(spec, ctx, 0, None, cf))
+            continue
+        lo = 1 if cf is not None else n
+        best = None
+        for g in range(n, lo - 1, -1):  # most GPU layers first: each one on the GPU is faster
+            p = _candidate(spec, ctx, g, gf, cf)
+            if p.estimated_vram_bytes <= b.vram:
+                best = p
+                break
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def _choose(cands: list[LoadPlan], b: _Budget, prefer: str) -> tuple[LoadPlan | None, str]:
+    fit = [p for p in cands if _fits(p, b)]
+    if not fit:
+        return None, ""
+    speed_key = lambda p: (p.predicted_decode_tok_s, p.quality)  # noqa: E731
+    if prefer == "speed":
+        return max(fit, key=speed_key), "fastest plan that fits (--prefer speed)"
+    good = [p for p in fit if _fits(p, b, HEADROOM) and p.predicted_decode_tok_s >= MIN_TOK_S]
+    if good:
+        return max(good, key=lambda p: (p.quality, p.predicted_decode_tok_s)), (
+            f"best quality that fits with {HEADROOM:.0%} headroom and decodes at >= {MIN_TOK_S:g} tok/s"
+        )
+    return max(
+        fit, key=speed_key
+    ), f"no plan reaches {MIN_TOK_S:g} tok/s with headroom, so the fastest plan that fits"
+
+
+def make_plan(
+    hw: HardwareReport,
+    shape: ModelShape,
+    *,
+    model: str = "",
+    ctx: int | None = None,
+    max_vram_bytes: int | None = None,
+    prefer: str = "quality",
+    dtype: str | None = None,
+    source_quant: dict | None = None,
+    group_size: int = 128,
+    prefill_chunk: int = 512,
+) -> LoadPlan:
+    """Plan how to load ``shape`` on ``hw``. Never returns a plan whose estimates exceed the usable
+    memory while claiming ``fits``; a model that cannot fit gets ``fits=False`` and says why."""
+    if prefer not in ("quality", "speed"):
+        raise PlanError(f"--prefer must be quality or speed, got {prefer!r}")
+    model_ctx = shape.max_position_embeddings
+    want = min(model_ctx, 4096) if ctx is None else int(ctx)
+    if want < 1 or want > model_ctx:
+        raise PlanError(f"context must be in 1..{model_ctx} for this model, got {ctx}")
+    vram, ram = usable_memory(hw, max_vram_bytes)
+    b = _Budget(vram, ram, hw.gpu.bandwidth_gbs if hw.gpu else 0.0, hw.cpu.bandwidth_gbs, hw.cpu.cores)
+    gpu = hw.gpu
+    if dtype is not None:
+        if dtype not in _DTYPE_FORMAT:
+            raise PlanError(f"dtype must be one of {', '.join(_DTYPE_FORMAT)}, got {dtype!r}")
+        compute = _DTYPE_FORMAT[dtype]
+        why_dtype = f"compute dtype {compute} as requested"
+    elif gpu is not None:
+        compute = "bf16" if gpu.bf16 else "fp16"
+        why_dtype = f"compute dtype {compute}: compute capability {gpu.compute_capability or '?'}" + (
+            " >= 8.0" if gpu.bf16 else " < 8.0 has no fast bf16"
+        )
+    else:
+        compute = "bf16"
+        why_dtype = "compute dtype bf16 on the CPU (half the bytes of fp32; decode is bandwidth-bound)"
+    spec = _Spec(shape, b, compute, source_quant, group_size, prefill_chunk)
+    ctx_try, cands, chosen, why = want, [], None, ""
+    while True:
+        cands = _candidates(spec, ctx_try, hw)
+        chosen, why = _choose(cands, b, prefer)
+        if chosen is not None or ctx_try <= MIN_CONTEXT or ctx_try <= 1:
+            break
+        ctx_try = max(MIN_CONTEXT, ctx_try // 2)
+    where = f"{gpu.name} with {vram / GIB:.1f} GiB usable VRAM, " if gpu else "no GPU, "
+    where += f"{ram / GIB:.1f} GiB usable RAM"
+    if chosen is None:
+        smallest = min(cands, key=lambda p: p.estimated_ram_bytes + p.estimated_vram_bytes) if cands else None
+        p = smallest or _candidate(spec, ctx_try, 0, None, compute)
+        p.fits = False
+        p.model, p.hardware = model, hw.source
+        p.reasons = [
+            f"does not fit: the smallest plan needs {p.estimated_vram_bytes / GIB:.2f} GiB VRAM and "
+            f"{p.estimated_ram_bytes / GIB:.2f} GiB RAM even at {ctx_try} tokens; {where}",
+            "free memory (close other programs), use a smaller model, or a machine with more memory",
+        ]
+        return p
+    p = chosen
+    p.model, p.hardware = model, hw.source
+    reasons = [where, why_dtype, f"chose: {why}"]
+    if ctx_try < want:
+        reasons.append(f"context reduced from {want} to {ctx_try} tokens: nothing fits at {want}")
+    if p.gpu_layers == shape.num_layers:
+        reasons.append(f"all {p.gpu_layers} layers fit on the GPU in {p.gpu_format}")
+    elif p.gpu_layers:
+        reasons.append(
+            f"{p.gpu_layers} of {shape.num_layers} layers fit on the GPU in {p.gpu_format}; the other "
+            f"{p.cpu_layers} run on the CPU in {p.cpu_format} with zlocal's fused kernels"
+        )
+    else:
+        reasons.append(
+            f"all layers on the CPU in {p.cpu_format}" + ("" if gpu is None else "; nothing fits on the GPU")
+        )
+    if p.quantize_on_load:
+        reasons.append("quantized on load from the full-precision checkpoint (streamed tensor by tensor)")
+    others = sorted((c for c in cands if c is not p and _fits(c, b)), key=lambda c: -c.quality)[:3]
+    for c in others:
+        reasons.append(
+            f"alternative: {c.gpu_format or '-'} GPU x{c.gpu_layers} / {c.cpu_format or '-'} CPU "
+            f"x{c.cpu_layers}: quality {c.quality:.3f}, {c.predicted_decode_tok_s:.1f} tok/s"
+        )
+    p.reasons = reasons
+    return p
+
+
+# -- OOM step-down ----------------------------------------------------------------------------------
+_GPU_DOWN = {"fp32": "bf16", "bf16": "bnb-int8", "fp16": "bnb-int8", "bnb-int8": "nf4"}
+_CPU_DOWN = {"fp32": "bf16", "bf16": "int8", "fp16": "int8", "int8": "int4"}
+
+
+def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = None) -> LoadPlan | None:
+    """The next smaller plan after an out-of-memory error, or None when there is nothing left to
+    give up. Order: fewer GPU layers, then a smaller context, then fewer bits."""
+    n = shape.num_layers
+    b = _Budget(
+        plan.usable_vram_bytes,
+        plan.usable_ram_bytes,
+        hw.gpu.bandwidth_gbs if hw and hw.gpu else 300.0,
+        hw.cpu.bandwidth_gbs if hw else 20.0,
+        hw.cpu.cores if hw else 4,
+    )
+    gf = plan.gpu_format
+    cf = plan.cpu_format or {"nf4": "int4", "fp4": "int4"}.get(gf or "", "int8")
+    g, ctx = plan.gpu_layers, plan.max_context
+    if g > 0:
+        change = f"gpu_layers {g} -> {max(0, g - max(1, n // 8))}"
+        g = max(0, g - max(1, n // 8))
+    elif ctx > MIN_CONTEXT:
+        change = f"max_context {ctx} -> {max(MIN_CONTEXT, ctx // 2)}"
+        ctx = max(MIN_CONTEXT, ctx // 2)
+    elif cf in _CPU_DOWN:
+        change = f"CPU weights {cf} -> {_CPU_DOWN[cf]}"
+        cf = _CPU_DOWN[cf]
+    else:
+        return None
+    spec = _Spec(shape, b, plan.compute_dtype, None, plan.group_size)
+    new = _candidate(spec, ctx, g, gf if g else None, cf)
+    return replace(
+        new,
+        model=plan.model,
+        hardware=plan.hardware,
+        reasons=[*plan.reasons, f"out of memory: stepped down ({change})"],
+    )
