@@ -99,9 +99,11 @@ def load_model(
     }
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
     model.eval()
     return LoadedModel(model=model, device=device, dtype=torch_dtype, device_map=kwargs["device_map"])
