@@ -1,0 +1,32 @@
+"""`zlocal eval MODEL --reference SRC [--text FILE] [--json]`: perplexity, KL and top-1 agreement."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="compare a (quantized) model with its reference: perplexity, KL, top-1")
+    p.add_argument("model", help="model to evaluate (directory or cached repo id)")
+    p.add_argument("--reference", required=True, help="reference model, usually the unquantized source")
+    p.add_argument(
+        "--text", default=None, metavar="FILE", help="evaluation text (default: built-in English text)"
+    )
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
+    p.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    from ..quality import evaluate
+
+    report = evaluate(
+        args.model,
+        args.reference,
+        text=args.text,
+        max_tokens=args.max_tokens,
+        window=args.window,
+        quiet=args.json,
+    )
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0

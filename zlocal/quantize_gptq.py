@@ -1,0 +1,192 @@
+"""GPTQ quantization (4 or 8 bits) through gptqmodel, written in the GPTQ checkpoint format.
+
+gptqmodel quantizes one decoder layer at a time and offloads finished layers to disk, so peak
+memory is about one layer's activations for the calibration batch plus the layer being solved.
+The group size is checked against every linear layer's input features, and against the kernels
+that will run the result, before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError, DependencyError, InvalidArgumentError
+
+# 32/64/128 run on every kernel that reads GPTQ: PyTorch's CPU int4 kernel (zlocal.cpu_quant),
+# gptqmodel's torch kernel, Marlin and ExLlama on GPUs. Larger groups save little and fail on
+# some kernels; per-channel (-1) has no CPU int4 kernel.
+KERNEL_GROUP_SIZES = (128, 64, 32)
+DEFAULT_SAMPLES = 16
+DEFAULT_SEQ_LEN = 256
+
+
+@dataclass
+class GptqPlan:
+    """Validated GPTQ settings, decided before any work starts."""
+
+    bits: int
+    group_size: int
+    samples: int
+    seq_len: int
+    calibration: str | None  # file path, or None for the built-in text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_in_features(config: dict) -> dict[str, int]:
+    """Input features of each kind of linear layer in a Llama/Mistral/Qwen2 decoder block."""
+    c = config.get("text_config", config)
+    h, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+    hd = int(c.get("head_dim") or h // heads)
+    return {
+        "q_proj/k_proj/v_proj": h,
+        "o_proj": heads * hd,
+        "gate_proj/up_proj": h,
+        "down_proj": int(c["intermediate_size"]),
+    }
+
+
+def default_group_size(config: dict) -> int:
+    """Largest kernel-supported group size dividing every layer's input features."""
+    feats = linear_in_features(config)
+    for g in KERNEL_GROUP_SIZES:
+        if all(f % g == 0 for f in feats.values()):
+            return g
+    raise ConversionError(
+        f"no GPTQ group size in {list(KERNEL_GROUP_SIZES)} divides every layer's input features "
+        f"({', '.join(f'{k}={v}' for k, v in feats.items())}); use --method int8 or nf4 for this model"
+    )
+
+
+def check_group_size(config: dict, group_size: int) -> None:
+    """Refuse a group size the kernels cannot run or that does not divide some layer's inputs."""
+    if group_size not in KERNEL_GROUP_SIZES:
+        raise InvalidArgumentError(
+            f"--group-size {group_size} is not supported; use one of "
+            f"{', '.join(map(str, KERNEL_GROUP_SIZES))} "
+            "(the sizes the CPU int4, Marlin and ExLlama kernels all run)"
+        )
+    for name, f in linear_in_features(config).items():
+        if f % group_size:
+            raise InvalidArgumentError(
+                f"--group-size {group_size} does not divide {name} input features {f}; "
+                f"try --group-size {default_group_size(config)}"
+            )
+
+
+def plan_gptq(
+    config: dict, *, bits: int, group_size: int | None, samples: int | None, seq_len: int | None, calibration
+) -> GptqPlan:
+    """Validate GPTQ options against the model; raise before any expensive step."""
+    if bits not in (4, 8):
+        raise InvalidArgumentError(f"GPTQ bits must be 4 or 8, got {bits}")
+    gs = default_group_size(config) if group_size is None else int(group_size)
+    check_group_size(config, gs)
+    max_pos = int(config.get("text_config", config).get("max_position_embeddings") or 4096)
+    seq = seq_len or DEFAULT_SEQ_LEN
+    if seq > max_pos:
+        raise InvalidArgumentError(f"--seq-len {seq} exceeds the model's context of {max_pos} tokens")
+    require_gptqmodel()
+    return GptqPlan(
+        bits=bits,
+        group_size=gs,
+        samples=samples or DEFAULT_SAMPLES,
+        seq_len=seq,
+        calibration=str(calibration) if calibration else None,
+    )
+
+
+def require_gptqmodel() -> None:
+    """Raise DependencyError when gptqmodel (and optimum) are missing."""
+    import importlib.util
+
+    missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DependencyError(
+            f"GPTQ needs {' and '.join(missing)}; install with `pip install 'zlocal[gptq]'` "
+            "(or `pip install gptqmodel optimum`)"
+        )
+
+
+def calibration_samples(tokenizer, text: str, samples: int, seq_len: int) -> list[dict]:
+    """Cut ``samples`` windows of ``seq_len`` tokens from the text.
+
+    When the text is shorter than samples * seq_len, windows overlap with an even stride rather
+    than repeating the same tokens, so every sample still differs.
+    """
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) < 16:
+        raise InvalidArgumentError("calibration text is too short (needs at least 16 tokens)")
+    seq = min(seq_len, len(ids))
+    stride = 0 if samples == 1 else max(1, (len(ids) - seq) // (samples - 1))
+    out = []
+    for i in range(samples):
+        start = min(i * stride, len(ids) - seq)
+        chunk = ids[start : start + seq]
+        out.append({"input_ids": chunk, "attention_mask": [1] * len(chunk)})
+    return out
+
+
+def _import_gptqmodel():
+    # gptqmodel's CPU loader pool wants 2 workers but defaults to cores/2: on a 2-core machine
+    # that is 1 and it refuses to start. A larger explicit value is harmless elsewhere.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig
+    except ImportError as exc:
+        raise DependencyError(f"cannot import gptqmodel ({exc}); `pip install 'zlocal[gptq]'`") from exc
+    return GPTQModel, QuantizeConfig
+
+
+def quantize_gptq(
+    src: Path,
+    out: Path,
+    plan: GptqPlan,
+    *,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quiet: bool = False,
+    allow_pickle: bool = False,
+) -> None:
+    """Run GPTQ on SRC with ``plan`` and save the quantized checkpoint into ``out``."""
+    from transformers import AutoTokenizer
+
+    from .quality import builtin_text
+
+    GPTQModel, QuantizeConfig = _import_gptqmodel()
+    text = (
+        Path(plan.calibration).read_text(encoding="utf-8")
+        if plan.calibration
+        else builtin_text("calibration.txt")
+    )
+    tok = AutoTokenizer.from_pretrained(src)
+    data = calibration_samples(tok, text, plan.samples, plan.seq_len)
+    offload = out / ".gptq-offload"
+    qc = QuantizeConfig(
+        bits=plan.bits,
+        group_size=plan.group_size,
+        desc_act=False,
+        sym=True,
+        offload_to_disk=True,
+        offload_to_disk_path=str(offload),
+    )
+    dtype = torch.bfloat16 if compute_dtype == torch.float16 else compute_dtype
+    # gptqmodel prints a banner and a per-layer bar on stdout; keep stdout clean for --json.
+    sink = io.StringIO() if quiet else sys.stderr
+    with contextlib.redirect_stdout(sink):
+        model = GPTQModel.load(str(src), qc, dtype=dtype)
+        model.quantize(data, batch_size=1)
+        model.save(str(out))
+    del model
+    import shutil
+
+    shutil.rmtree(offload, ignore_errors=True)
+    if not any(out.glob("*.safetensors")):
+        raise ConversionError("gptqmodel finished but wrote no safetensors weights")
