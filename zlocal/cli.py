@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers' per-tensor progress bars and advisory warnings are noise in a chat terminal."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zlocal`` console script."""
     parser = build_parser()
@@ -48,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"zlocal.commands.{args.command}")
+    _quiet_libraries()
     try:
         return int(module.run(args) or 0)
     except ZlocalError as exc:
