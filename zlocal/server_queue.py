@@ -1,0 +1,222 @@
+"""A bounded FIFO queue in front of the Runtime, with one worker thread bridging to asyncio.
+
+The runtime generates one answer at a time. Requests wait here in arrival order; when
+``max_queue`` requests are already waiting, ``submit`` raises QueueFullError (the server answers
+429). Each job has its own cancel event: a client that goes away sets it, and the engine stops
+before the next token. Outputs travel to the request's event loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ZlocalError
+from .server_schema import redact
+
+log = logging.getLogger("zlocal.server")
+
+DONE = object()  # end-of-job marker put on the job's output queue
+
+
+class CountingEvent(threading.Event):
+    """A cancel event that counts how often the engine polled it (once per token step), so the
+    server can tell how many steps began after a cancel was requested."""
+
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return super().is_set()
+
+
+class QueueFullError(Exception):
+    """Too many requests are already waiting for the model."""
+
+
+class ShuttingDownError(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass
+class JobError:
+    """An error raised while the job ran (forwarded to the client as an error chunk / response)."""
+
+    message: str
+    kind: str  # "invalid_request_error" for ZlocalError, "server_error" otherwise
+    status: int
+
+
+@dataclass
+class Job:
+    """One generation request: prompt ids, sampling kwargs, a cancel event and an output queue."""
+
+    prompt_ids: list[int]
+    sampling: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: CountingEvent = field(default_factory=CountingEvent)
+    id: int = 0
+    tag: str = ""  # the completion id shown to the client
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    tokens: int = 0  # generated so far (worker thread writes, event loop reads)
+    checks_at_cancel: int | None = None
+    finish_reason: str | None = None
+
+    def request_cancel(self) -> None:
+        """Ask the generation to stop (idempotent); records how far it had got."""
+        if self.checks_at_cancel is None:
+            self.checks_at_cancel = self.cancel.checks
+            self.cancel.set()
+
+    def _put(self, item) -> None:
+        # RuntimeError: the event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class GenerationQueue:
+    """FIFO of jobs served by one worker thread calling ``runtime.stream_tokens``."""
+
+    def __init__(self, runtime, max_queue: int = 16, history: int = 32):
+        self.runtime = runtime
+        self.max_queue = max(0, int(max_queue))
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.running: Job | None = None
+        self.completed = 0
+        self.cancelled = 0
+        self.failed = 0
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
+        self._thread = threading.Thread(target=self._work, name="zlocal-generation", daemon=True)
+        self._thread.start()
+
+    # -- producer side (event loop) ----------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], sampling: dict[str, Any], tag: str = "") -> Job:
+        """Queue a job; raise QueueFullError or ShuttingDownError instead of waiting."""
+        job = Job(list(prompt_ids), dict(sampling), asyncio.get_running_loop(), tag=tag)
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue and (self.running is not None or self._waiting):
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue}); "
+                    "retry later"
+                )
+            job.id = next(self._ids)
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, counters and the most recent finished jobs (for /stats and the tests)."""
+        with self._cond:
+            return {
+                "waiting": len(self._waiting),
+                "running": self.running is not None,
+                "max_queue": self.max_queue,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "failed": self.failed,
+                "recent": list(self.recent),
+            }
+
+    def close(self) -> None:
+        """Stop taking jobs; cancel the running one and fail the waiting ones (graceful shutdown)."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            running = self.running
+            self._cond.notify_all()
+        if running is not None:
+            running.request_cancel()
+        for job in waiting:
+            job.request_cancel()
+            job._put(JobError("the server is shutting down", "server_error", 503))
+            job._put(DONE)
+
+    def abandon(self, job: Job) -> None:
+        """The client went away: drop the job if it still waits, else stop its generation."""
+        with self._cond, contextlib.suppress(ValueError):
+            self._waiting.remove(job)
+        job.request_cancel()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to finish its current job."""
+        self._thread.join(timeout)
+
+    # -- worker thread -------------------------------------------------------------------------------
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            job = self._waiting.popleft()
+            self.running = job
+            return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self.running = None
+                job._put(DONE)
+
+    def _run(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        if job.checks_at_cancel is not None:  # the client left while waiting: never start it
+            job.finish_reason = "cancelled"
+        else:
+            try:
+                for resp in self.runtime.stream_tokens(job.prompt_ids, cancel=job.cancel, **job.sampling):
+                    job.tokens = resp.generation_tokens
+                    if resp.finish_reason is not None:
+                        job.finish_reason = resp.finish_reason
+                    job._put(resp)
+            except ZlocalError as exc:  # e.g. the prompt no longer fits: the client's problem
+                job.finish_reason = "error"
+                job._put(JobError(str(exc), "invalid_request_error", 400))
+            except Exception as exc:  # noqa: BLE001 - any engine failure must reach the client, not kill the worker
+                job.finish_reason = "error"
+                log.error("generation %d failed: %s: %s", job.id, type(exc).__name__, redact(str(exc)))
+                job._put(JobError(f"generation failed ({type(exc).__name__})", "server_error", 500))
+        with self._cond:
+            if job.finish_reason == "cancelled":
+                self.cancelled += 1
+            elif job.finish_reason == "error":
+                self.failed += 1
+            else:
+                self.completed += 1
+            self.recent.append(
+                {
+                    "id": job.id,
+                    "completion_id": job.tag,
+                    "finish_reason": job.finish_reason,
+                    "completion_tokens": job.tokens,
+                    # Token steps begun after the cancel request: 1 = the step that saw it and stopped.
+                    "steps_after_cancel": (
+                        None if job.checks_at_cancel is None else job.cancel.checks - job.checks_at_cancel
+                    ),
+                    "queue_wait_s": round(job.started_at - job.enqueued_at, 4),
+                    "run_s": round(time.monotonic() - job.started_at, 4),
+                }
+            )

@@ -1,0 +1,317 @@
+"""Request models, field policy and OpenAI-style errors for ``zlocal serve``.
+
+Bodies are parsed by hand (strict UTF-8, JSON object, then a strict pydantic model) so that every
+bad input becomes a 400 with an OpenAI error object instead of FastAPI's default 422 or a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# OpenAI fields accepted and ignored without effect (clients send them routinely; they change
+# nothing a local single-user server could honour). The README lists them.
+IGNORED_FIELDS: tuple[str, ...] = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+    "reasoning_effort",
+    "verbosity",
+)
+
+# OpenAI fields that would change the output in ways zlocal cannot honour: accepted only with their
+# neutral value (the value shown), otherwise a 400 naming the field.
+REJECTED_UNLESS_NEUTRAL: dict[str, str] = {
+    "n": "1",
+    "frequency_penalty": "0",
+    "presence_penalty": "0",
+    "logprobs": "false",
+    "top_logprobs": "null",
+    "logit_bias": "{} or null",
+    "tools": "[] or null",
+    "tool_choice": '"none" or null',
+    "functions": "[] or null",
+    "function_call": '"none" or null',
+    "response_format": '{"type": "text"}',
+    "modalities": '["text"]',
+    "audio": "null",
+    "prediction": "null",
+    "web_search_options": "null",
+}
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {message, type, param, code}}`` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = redact(message)
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Absolute POSIX paths of two or more components, Windows drive paths, and ~/ paths.
+_PATH_RE = re.compile(
+    r"(?:(?<![\w.:/])~?(?:/[^\s/'\"`<>|:;,()\[\]{}]+){2,}/?)|(?:\b[A-Za-z]:\\[^\s'\"`<>|]+)"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def redact(text: str) -> str:
+    """Replace filesystem paths in ``text`` by their last component (``.../name``)."""
+
+    def short(m: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]", m.group(0)) if p]
+        return ".../" + (parts[-1] if parts else "")
+
+    return _PATH_RE.sub(short, str(text))
+
+
+def escape_control(text: str) -> str:
+    """Escape control characters so that one log record stays one line and cannot fake others."""
+    return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+
+
+# -- request models (also published in the OpenAPI schema) -------------------------------------
+class ChatMessage(BaseModel):
+    """One chat turn. ``developer`` is accepted as a synonym of ``system``; ``name`` is ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = Field(max_length=MAX_BODY_BYTES)
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions. Fields not listed here, in IGNORED_FIELDS or in
+    REJECTED_UNLESS_NEUTRAL are answered with a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(default=None, description="ignored: the server serves one model")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, description="zlocal extension (0 = off)")
+    min_p: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="zlocal extension")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, allow_inf_nan=False, description="zlocal extension (1 = off)"
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
+    # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: exactly one of ``prompt`` (plain text) or ``messages`` (chat template applied)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = Field(default=None, max_length=MAX_BODY_BYTES)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=4096)
+    add_special_tokens: bool = Field(default=True, description="only for prompt: prepend BOS like the model")
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+REQUEST_MODELS = (ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """Strict UTF-8 + JSON + top-level object, else APIError 400."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            400, f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8"
+        ) from exc
+    if not text.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(
+            400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json"
+        )
+    return data
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in (
+            "str",
+            "list[str]",
+            "int",
+            "float",
+            "bool",
+            "dict[str,any]",
+            "function-after",
+            "tagged-union",
+        ):
+            continue  # union branch names pydantic inserts into the location
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validate_model(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    """Validate ``data`` against a request model; the first problem becomes a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        param = _param(tuple(err.get("loc", ()))) or None
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            ignored = ", ".join(IGNORED_FIELDS)
+            msg = f"unsupported field '{param}'; remove it (fields ignored by zlocal: {ignored})"
+            raise APIError(400, msg, param=param, code="unsupported_field") from exc
+        msg = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")
+        raise APIError(400, msg, param=param, code="invalid_value") from exc
+
+
+def check_neutral(req: ChatCompletionRequest) -> None:
+    """400 for an unsupported OpenAI feature asked with a non-neutral value."""
+    bad: str | None = None
+    if req.n not in (None, 1):
+        bad = "n"
+    elif req.frequency_penalty not in (None, 0):
+        bad = "frequency_penalty"
+    elif req.presence_penalty not in (None, 0):
+        bad = "presence_penalty"
+    elif req.logprobs:
+        bad = "logprobs"
+    elif req.top_logprobs is not None:
+        bad = "top_logprobs"
+    elif req.logit_bias:
+        bad = "logit_bias"
+    elif req.tools:
+        bad = "tools"
+    elif req.tool_choice not in (None, "none"):
+        bad = "tool_choice"
+    elif req.functions:
+        bad = "functions"
+    elif req.function_call not in (None, "none"):
+        bad = "function_call"
+    elif req.response_format is not None and req.response_format.type != "text":
+        bad = "response_format"
+    elif req.modalities not in (None, ["text"]):
+        bad = "modalities"
+    elif req.audio is not None:
+        bad = "audio"
+    elif req.prediction is not None:
+        bad = "prediction"
+    elif req.web_search_options is not None:
+        bad = "web_search_options"
+    if bad is not None:
+        raise APIError(
+            400,
+            f"'{bad}' is not supported by zlocal; omit it or set it to {REJECTED_UNLESS_NEUTRAL[bad]}",
+            param=bad,
+            code="unsupported_field",
+        )
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    """Decode, drop the ignored fields, validate, and check unsupported features."""
+    data = decode_json_object(raw)
+    for name in IGNORED_FIELDS:
+        data.pop(name, None)
+    req = validate_model(ChatCompletionRequest, data)
+    check_neutral(req)
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > 16 or any(len(s) > 1024 for s in stops):
+        raise APIError(
+            400, "stop: at most 16 strings of at most 1024 characters", param="stop", code="invalid_value"
+        )
+    return req
+
+
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Role/content dicts for the chat template (``developer`` becomes ``system``)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+
+
+def openapi_components() -> dict[str, Any]:
+    """JSON schemas of the request models, with nested definitions hoisted for OpenAPI."""
+    out: dict[str, Any] = {}
+    for model in REQUEST_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
