@@ -11,6 +11,7 @@ import gc
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -97,7 +98,10 @@ def _windows(ids: list[int], window: int) -> list[torch.Tensor]:
 def _logprobs(model, windows: list[torch.Tensor]) -> list[torch.Tensor]:
     out = []
     for w in windows:
-        logits = model(input_ids=w.unsqueeze(0)).logits[0, :-1].float()
+        with warnings.catch_warnings():
+            # bitsandbytes warns on every int8 matmul that it casts bf16 inputs to fp16
+            warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+            logits = model(input_ids=w.unsqueeze(0)).logits[0, :-1].float()
         out.append(torch.log_softmax(logits, dim=-1))
         del logits
     return out
