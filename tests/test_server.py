@@ -30,10 +30,10 @@ def client(server, **kw):
     )
 
 
-def post(server, path, body, **kw):
+def post(server, path, body, timeout=60.0):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(
-        server.url(path), content=content, headers={"Content-Type": "application/json"}, timeout=60, **kw
+        server.url(path), content=content, headers={"Content-Type": "application/json"}, timeout=timeout
     )
 
 
@@ -258,6 +258,17 @@ def test_disconnect_stops_generation_within_one_token_and_next_starts_at_once(se
     assert following["id"] > job["id"]
     assert following["queue_wait_s"] < 0.5, following
     assert elapsed < 5
+
+
+def test_non_streaming_client_that_hangs_up_cancels_its_generation(server):
+    before = stats(server)["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        post(
+            server, "/v1/chat/completions", {"messages": HI, "max_tokens": 480, "temperature": 0}, timeout=0.4
+        )
+    job = wait_for(lambda: stats(server)["cancelled"] > before and stats(server)["recent"][-1])
+    assert job["finish_reason"] == "cancelled" and job["completion_tokens"] < 480, job
+    assert post(server, "/v1/chat/completions", {"messages": HI, "max_tokens": 2}).status_code == 200
 
 
 def test_full_queue_answers_429_and_drains_after_disconnects(server):

@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .errors import ContextOverflowError, InvalidArgumentError, TemplateError, ZlocalError
-from .server_queue import DONE, GenerationQueue, JobError, QueueFullError, ShuttingDownError
+from .server_queue import GenerationQueue, QueueFullError, ShuttingDownError, complete_job, stream_job
 from .server_schema import (
     MAX_BODY_BYTES,
     APIError,
@@ -158,10 +156,6 @@ async def _read_body(request: Request) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def create_app(
@@ -320,11 +314,11 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream(queue, job, cid, model_name, include_usage),
+                stream_job(queue, job, cid, model_name, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _complete(queue, job, cid, model_name, request)
+        return await complete_job(queue, job, cid, model_name, request)
 
     def custom_openapi():
         if app.openapi_schema is None:
@@ -399,123 +393,3 @@ def _prepare(runtime, req: ChatCompletionRequest, default_max_tokens: int | None
     except InvalidArgumentError as exc:
         raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0], code="invalid_value") from exc
     return ids, sampling
-
-
-def _chunk(cid: str, model: str, created: int, delta: dict, finish: str | None) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _final_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-async def _stream(
-    queue: GenerationQueue, job, cid: str, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """SSE body. A disconnect cancels the job (the generator is closed at its current await)."""
-    created = int(time.time())
-    finished = False
-    try:
-        yield _sse(_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
-        last = None
-        while True:
-            item = await job.out.get()
-            if item is DONE:
-                break
-            if isinstance(item, JobError):
-                err = APIError(item.status, item.message, type=item.kind, code="generation_error")
-                yield _sse(err.body())
-                yield b"data: [DONE]\n\n"
-                finished = True
-                return
-            last = item
-            if item.text:
-                yield _sse(_chunk(cid, model, created, {"content": item.text}, None))
-        if last is None or last.finish_reason == "cancelled":
-            err = APIError(
-                503,
-                "the generation was cancelled (server shutting down)",
-                type="server_error",
-                code="cancelled",
-            )
-            yield _sse(err.body())
-        else:
-            yield _sse(_chunk(cid, model, created, {}, _final_reason(last.finish_reason)))
-            if include_usage:
-                usage = {
-                    **_chunk(cid, model, created, {}, None),
-                    "choices": [],
-                    "usage": _usage(last.prompt_tokens, last.generation_tokens),
-                }
-                yield _sse(usage)
-        yield b"data: [DONE]\n\n"
-        finished = True
-    finally:
-        if not finished:
-            queue.abandon(job)
-
-
-async def _watch_disconnect(request: Request, queue: GenerationQueue, job) -> None:
-    while True:
-        if await request.is_disconnected():
-            queue.abandon(job)
-            return
-        await asyncio.sleep(0.25)
-
-
-async def _complete(queue: GenerationQueue, job, cid: str, model: str, request: Request) -> JSONResponse:
-    """Collect a whole answer; a client that hangs up still cancels its generation."""
-    watcher = asyncio.create_task(_watch_disconnect(request, queue, job))
-    parts, last, error = [], None, None
-    try:
-        while True:
-            item = await job.out.get()
-            if item is DONE:
-                break
-            if isinstance(item, JobError):
-                error = item
-                continue
-            last = item
-            parts.append(item.text)
-    finally:
-        watcher.cancel()
-        if last is None or last.finish_reason is None:
-            queue.abandon(job)
-    if error is not None:
-        raise APIError(error.status, error.message, type=error.kind, code="generation_error")
-    if last is None or last.finish_reason == "cancelled":
-        raise APIError(
-            503, "the generation was cancelled (server shutting down)", type="server_error", code="cancelled"
-        )
-    body = {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
-                "logprobs": None,
-                "finish_reason": _final_reason(last.finish_reason),
-            }
-        ],
-        "usage": _usage(last.prompt_tokens, last.generation_tokens),
-        "timings": {
-            "prompt_tps": round(last.prompt_tps, 2),
-            "generation_tps": round(last.generation_tps, 2),
-            "time_to_first_token": round(last.time_to_first_token, 4),
-            "reused_tokens": last.reused_tokens,
-        },
-    }
-    return JSONResponse(body)

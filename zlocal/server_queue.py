@@ -1,4 +1,4 @@
-"""A bounded FIFO queue in front of the Runtime, with one worker thread bridging to asyncio.
+"""A bounded FIFO queue in front of the Runtime, one worker thread, and the asyncio side (SSE).
 
 The runtime generates one answer at a time. Requests wait here in arrival order; when
 ``max_queue`` requests are already waiting, ``submit`` raises QueueFullError (the server answers
@@ -12,14 +12,19 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
 from .errors import ZlocalError
-from .server_schema import redact
+from .server_schema import APIError, redact
 
 log = logging.getLogger("zlocal.server")
 
@@ -220,3 +225,128 @@ class GenerationQueue:
                     "run_s": round(time.monotonic() - job.started_at, 4),
                 }
             )
+
+
+# -- the asyncio side: SSE stream and whole-answer collection ----------------------------------------
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def _chunk(cid: str, model: str, created: int, delta: dict, finish: str | None) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _final_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+async def stream_job(
+    queue: GenerationQueue, job, cid: str, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """SSE body. A disconnect cancels the job (the generator is closed at its current await)."""
+    created = int(time.time())
+    finished = False
+    try:
+        yield _sse(_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
+        last = None
+        while True:
+            item = await job.out.get()
+            if item is DONE:
+                break
+            if isinstance(item, JobError):
+                err = APIError(item.status, item.message, type=item.kind, code="generation_error")
+                yield _sse(err.body())
+                yield b"data: [DONE]\n\n"
+                finished = True
+                return
+            last = item
+            if item.text:
+                yield _sse(_chunk(cid, model, created, {"content": item.text}, None))
+        if last is None or last.finish_reason == "cancelled":
+            err = APIError(
+                503,
+                "the generation was cancelled (server shutting down)",
+                type="server_error",
+                code="cancelled",
+            )
+            yield _sse(err.body())
+        else:
+            yield _sse(_chunk(cid, model, created, {}, _final_reason(last.finish_reason)))
+            if include_usage:
+                usage = {
+                    **_chunk(cid, model, created, {}, None),
+                    "choices": [],
+                    "usage": _usage(last.prompt_tokens, last.generation_tokens),
+                }
+                yield _sse(usage)
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:
+            queue.abandon(job)
+
+
+async def _watch_disconnect(request: Request, queue: GenerationQueue, job) -> None:
+    while True:
+        if await request.is_disconnected():
+            queue.abandon(job)
+            return
+        await asyncio.sleep(0.25)
+
+
+async def complete_job(queue: GenerationQueue, job, cid: str, model: str, request: Request) -> JSONResponse:
+    """Collect a whole answer; a client that hangs up still cancels its generation."""
+    watcher = asyncio.create_task(_watch_disconnect(request, queue, job))
+    parts, last, error = [], None, None
+    try:
+        while True:
+            item = await job.out.get()
+            if item is DONE:
+                break
+            if isinstance(item, JobError):
+                error = item
+                continue
+            last = item
+            parts.append(item.text)
+    finally:
+        watcher.cancel()
+        if last is None or last.finish_reason is None:
+            queue.abandon(job)
+    if error is not None:
+        raise APIError(error.status, error.message, type=error.kind, code="generation_error")
+    if last is None or last.finish_reason == "cancelled":
+        raise APIError(
+            503, "the generation was cancelled (server shutting down)", type="server_error", code="cancelled"
+        )
+    body = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts)},
+                "logprobs": None,
+                "finish_reason": _final_reason(last.finish_reason),
+            }
+        ],
+        "usage": _usage(last.prompt_tokens, last.generation_tokens),
+        "timings": {
+            "prompt_tps": round(last.prompt_tps, 2),
+            "generation_tps": round(last.generation_tps, 2),
+            "time_to_first_token": round(last.time_to_first_token, 4),
+            "reused_tokens": last.reused_tokens,
+        },
+    }
+    return JSONResponse(body)
