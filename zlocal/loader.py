@@ -1,16 +1,26 @@
-"""Load a resolved checkpoint into a transformers model: config checks, dtype/device choice.
+"""Load a resolved checkpoint into a transformers model, following a LoadPlan.
 
-The planner decides where layers go; this module turns that decision into ``from_pretrained``
-arguments and converts loading failures into CheckpointError messages that name the file.
+The planner (zlocal.plan) decides formats and where layers go; this module carries it out:
+a dense single-device plan goes through ``from_pretrained``; a quantized or split plan is
+streamed tensor by tensor from the safetensors files into an empty (meta) model, quantizing each
+Linear as it arrives, so peak memory is the final model plus one tensor. CPU layers use zlocal's
+fused int8/int4 kernels (zlocal.cpu_quant), never bitsandbytes' slow CPU path; GPU layers use
+bitsandbytes CUDA modules; accelerate's hooks move activations between devices. An
+out-of-memory error while loading or on the warm-up forward steps the plan down and retries.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError, PlanError
 from .resolve import ResolvedModel
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -114,6 +124,113 @@ def _first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[0] if text else ''}"
 
 
+_PLAN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_MAX_OOM_RETRIES = 8
+
+
+@lru_cache(maxsize=1)
+def _this_machine_static():
+    # Bandwidth and kernels do not change while the process runs; free memory does.
+    from .hardware import profile_machine
+
+    return profile_machine(measure_bandwidth=True)
+
+
+def current_hardware(device: str | None = None):
+    """This machine's HardwareReport with fresh free-memory numbers; ``device='cpu'`` hides GPUs."""
+    import dataclasses
+
+    import psutil
+
+    hw = dataclasses.replace(_this_machine_static())
+    hw.ram_available_bytes = int(psutil.virtual_memory().available)
+    if device is not None and device.startswith("cpu"):
+        hw.gpus = []
+    elif hw.gpus and torch.cuda.is_available():
+        hw.gpus = [
+            dataclasses.replace(g, free_bytes=int(torch.cuda.mem_get_info(g.index)[0])) for g in hw.gpus
+        ]
+    return hw
+
+
+def source_quantization(config) -> dict | None:
+    """The quantization_config of an already-quantized checkpoint (GPTQ ...), as a dict."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    return dict(qc) if isinstance(qc, dict) else qc.to_dict()
+
+
+def plan_for(
+    resolved: ResolvedModel,
+    config,
+    *,
+    plan="auto",
+    dtype=None,
+    device=None,
+    max_context=None,
+    hardware=None,
+    prefer: str = "quality",
+):
+    """Turn the ``plan`` argument ("auto", a LoadPlan, or a plan JSON path) into a checked LoadPlan."""
+    from .memory import ModelShape
+    from .plan import LoadPlan, load_plan, make_plan
+
+    shape = ModelShape.from_config(config)
+    if isinstance(plan, LoadPlan):
+        lp = plan
+    elif isinstance(plan, (str, os.PathLike)) and str(plan) != "auto":
+        if not Path(plan).is_file():
+            raise InvalidArgumentError(
+                f"plan must be 'auto', a LoadPlan or a plan JSON file; {plan} is not a file"
+            )
+        lp = load_plan(plan)
+    elif plan == "auto":
+        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                "device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'"
+            )
+        hw = hardware or current_hardware(device)
+        torch_dtype = parse_dtype(dtype)
+        lp = make_plan(
+            hw,
+            shape,
+            model=resolved.name,
+            ctx=max_context,
+            prefer=prefer,
+            dtype=_DTYPE_NAMES.get(torch_dtype) if torch_dtype is not None else None,
+            source_quant=source_quantization(config),
+        )
+    else:
+        raise InvalidArgumentError(
+            f"plan must be 'auto', a LoadPlan or a plan JSON path, got {type(plan).__name__}"
+        )
+    if lp.gpu_layers + lp.cpu_layers != shape.num_layers:
+        raise PlanError(
+            f"the plan places {lp.gpu_layers}+{lp.cpu_layers} layers but {resolved.name} has "
+            f"{shape.num_layers}; make a new plan with `zlocal plan`"
+        )
+    if lp.gpu_layers and not torch.cuda.is_available():
+        raise PlanError("the plan puts layers on a GPU but torch sees none; plan again on this machine")
+    if lp.compute_dtype not in _PLAN_DTYPES:
+        raise PlanError(
+            f"plan compute_dtype must be one of {', '.join(_PLAN_DTYPES)}, got {lp.compute_dtype!r}"
+        )
+    if not lp.fits:
+        raise PlanError(f"{resolved.name} does not fit this machine: {lp.reasons[0] if lp.reasons else ''}")
+    if max_context is not None and plan != "auto":
+        lp.max_context = int(max_context)
+    return lp
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def load_for_runtime(
     resolved: ResolvedModel,
     config,
@@ -122,16 +239,263 @@ def load_for_runtime(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     max_context: int | None = None,
+    hardware=None,
 ) -> LoadedModel:
     """Load the model the way the runtime will use it; returns the model and the context to allocate.
 
-    ``plan`` ("auto", a LoadPlan, or a path to a plan JSON) decides devices and formats; with no
-    planner decision, everything goes on ``device`` (default: CUDA if present, else CPU).
+    ``plan`` ("auto", a LoadPlan, or a path to a plan JSON) decides devices and formats; ``None``
+    puts everything on ``device`` (default: CUDA if present, else CPU) in ``dtype``, unquantized.
+    On out-of-memory the plan steps down (fewer GPU layers, smaller context, fewer bits), with a
+    warning and a line in ``plan.reasons`` saying what changed.
     """
     model_ctx = int(getattr(config, "max_position_embeddings", 4096) or 4096)
-    ctx = min(model_ctx, 4096) if max_context is None else int(max_context)
-    if ctx <= 0 or ctx > model_ctx:
+    if max_context is not None and (int(max_context) <= 0 or int(max_context) > model_ctx):
         raise InvalidArgumentError(f"max_context must be in 1..{model_ctx} for this model, got {max_context}")
-    loaded = load_model(resolved, dtype=dtype, device=device)
-    loaded.max_context = ctx
+    if plan is None:
+        loaded = load_model(resolved, dtype=dtype, device=device)
+        loaded.max_context = min(model_ctx, 4096) if max_context is None else int(max_context)
+        return loaded
+    from .memory import ModelShape
+    from .plan import step_down
+
+    lp = plan_for(
+        resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context, hardware=hardware
+    )
+    shape = ModelShape.from_config(config)
+    for _ in range(_MAX_OOM_RETRIES):
+        loaded = None
+        try:
+            loaded = load_with_plan(resolved, config, lp)
+            _warm_up(loaded.model)
+            return loaded
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
+            del loaded
+            _free_memory()
+            smaller = step_down(lp, shape, hardware)
+            if smaller is None:
+                raise PlanError(
+                    f"{resolved.name}: out of memory even with the smallest plan "
+                    f"({lp.cpu_format or lp.gpu_format}, {lp.max_context} tokens); free memory "
+                    "or pick a smaller model"
+                ) from exc
+            warnings.warn(
+                f"zlocal: out of memory loading {resolved.name}; {smaller.reasons[-1]}", stacklevel=2
+            )
+            lp = smaller
+    raise PlanError(f"{resolved.name}: still out of memory after {_MAX_OOM_RETRIES} smaller plans")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def _warm_up(model) -> None:
+    # One token through every layer allocates the activation workspace now, so an OOM shows up
+    # here (and steps the plan down) instead of in the user's first request.
+    device = model.get_input_embeddings().weight.device
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
+
+
+def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
+    """Carry out one LoadPlan (no retries)."""
+    dtype = _PLAN_DTYPES[lp.compute_dtype]
+    n = lp.gpu_layers + lp.cpu_layers
+    dense = {"fp32", "bf16", "fp16", None}
+    if lp.source_quantized:
+        device = lp.gpu_device or "cpu"
+        loaded = load_model(resolved, dtype=dtype, device=device, device_map={"": device})
+    elif lp.gpu_format in dense and lp.cpu_format in dense and (lp.gpu_layers in (0, n)):
+        loaded = load_model(resolved, dtype=dtype, device=lp.gpu_device or "cpu")
+    elif resolved.weights_format != "safetensors":
+        if lp.gpu_layers:
+            raise PlanError(
+                f"{resolved.name}: splitting pickle weights across devices is not supported; "
+                "convert the checkpoint to safetensors"
+            )
+        from .cpu_quant import WeightOnlyQuantHandler
+
+        loaded = load_model(resolved, dtype=dtype, device="cpu")
+        bits = {"int8": 8, "int4": 4}[lp.cpu_format]
+        WeightOnlyQuantHandler(loaded.model, bits, dtype, lp.group_size).apply()
+    else:
+        model, device_map = stream_load(resolved, config, lp, dtype)
+        device = (
+            "cpu" if not lp.gpu_layers else (lp.gpu_device if not lp.cpu_layers else f"{lp.gpu_device}+cpu")
+        )
+        loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
+    loaded.plan = lp
+    loaded.max_context = lp.max_context
     return loaded
+
+
+def layer_device_map(lp, config) -> dict[str, str]:
+    """Module -> device. With a split the embedding lookup stays on the CPU (a cheap gather) and the
+    final norm + lm_head run on the GPU (a large matmul every token)."""
+    n = lp.gpu_layers + lp.cpu_layers
+    gpu = lp.gpu_device or "cuda:0"
+    if lp.gpu_layers == 0 or lp.cpu_layers == 0:
+        dev = gpu if lp.gpu_layers else "cpu"
+        return {"": dev}
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": gpu, "lm_head": gpu}
+    for i in range(n):
+        dm[f"model.layers.{i}"] = gpu if i < lp.gpu_layers else "cpu"
+    return dm
+
+
+def _device_of(name: str, device_map: dict[str, str]) -> str:
+    best, best_len = device_map.get("", "cpu"), -1
+    for prefix, dev in device_map.items():
+        if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+            best, best_len = dev, len(prefix)
+    return best
+
+
+def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
+    """Build the model on the meta device and fill it from the safetensors files one tensor at a
+    time, quantizing decoder Linears as the plan says. Returns (model, device_map)."""
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device_map = layer_device_map(lp, config)
+    files = sorted(Path(resolved.path).glob("*.safetensors"))
+    expected = dict(model.state_dict())
+    seen: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key not in expected:
+                        raise CheckpointError(
+                            f"{resolved.name}: {file.name} holds {key}, which the config does "
+                            "not define; the checkpoint and config.json disagree"
+                        )
+                    _place(
+                        model,
+                        key,
+                        fh.get_tensor(key),
+                        expected[key],
+                        lp=lp,
+                        device_map=device_map,
+                        dtype=dtype,
+                        set_tensor=set_module_tensor_to_device,
+                    )
+                    seen.add(key)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if _is_oom(exc):
+                raise
+            raise CheckpointError(f"{resolved.name}: cannot read {file.name}: {_first_line(exc)}") from exc
+    _finish_tied(model, config, seen, device_map, dtype)
+    missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{resolved.name}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]})"
+        )
+    if set(device_map) != {""}:
+        model = dispatch_model(model, device_map=device_map, skip_keys=["cache", "past_key_values"])
+    else:
+        model.to(device_map[""])
+    model.eval()
+    return model, device_map
+
+
+_GPU_BNB = {"nf4", "fp4", "bnb-int8"}
+_CPU_BITS = {"int8": 8, "int4": 4}
+
+
+def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> None:
+    from .cpu_quant import can_quantize, quantize_linear
+
+    if tuple(tensor.shape) != tuple(meta.shape):
+        raise CheckpointError(
+            f"{key} has shape {tuple(tensor.shape)} but the config implies {tuple(meta.shape)}"
+        )
+    module_name, _, pname = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    device = _device_of(module_name, device_map)
+    in_layer = ".layers." in f".{module_name}"
+    fmt = (lp.gpu_format if device != "cpu" else lp.cpu_format) if in_layer else None
+    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt in _CPU_BITS and device == "cpu":
+        bits = _CPU_BITS[fmt]
+        if can_quantize(tuple(tensor.shape), bits, lp.group_size):
+            bias = module.bias is not None
+            new = quantize_linear(tensor, None, bits, dtype, lp.group_size)
+            if bias:  # filled when the bias tensor arrives
+                new.register_buffer("bias", torch.empty(new.out_features, dtype=dtype))
+            _replace(model, module_name, new)
+            return
+    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt in _GPU_BNB and device != "cpu":
+        _replace(model, module_name, _bnb_linear(module, tensor, fmt, dtype, device))
+        return
+    if not isinstance(module, torch.nn.Linear) and module.__class__.__module__.startswith("zlocal.cpu_quant"):
+        module.register_buffer(pname, tensor.to(dtype))  # the bias of a quantized CPU Linear
+        return
+    if module.__class__.__module__.startswith("bitsandbytes") and pname == "bias":
+        module.bias = torch.nn.Parameter(tensor.to(dtype).to(device), requires_grad=False)
+        return
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    set_tensor(model, key, device, value=value, clear_cache=False)
+
+
+def _bnb_linear(module, weight, fmt, dtype, device):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        from .errors import DependencyError
+
+        raise DependencyError(
+            "this plan quantizes GPU layers with bitsandbytes; pip install bitsandbytes"
+        ) from exc
+    has_bias = module.bias is not None
+    if fmt == "bnb-int8":
+        new = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(
+            weight.to(torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+    else:
+        new = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=has_bias,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type=fmt,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.to(dtype), requires_grad=False, compress_statistics=True, quant_type=fmt
+        ).to(device)
+    return new
+
+
+def _replace(model, name: str, new) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _finish_tied(model, config, seen: set[str], device_map, dtype) -> None:
+    # Tied checkpoints store only the embedding; the head needs its own copy when it lives on
+    # another device, else it shares the embedding's storage.
+    if "lm_head.weight" in seen or not getattr(config, "tie_word_embeddings", False):
+        return
+    emb = model.get_input_embeddings().weight
+    head_dev = _device_of("lm_head", device_map)
+    if str(emb.device) == head_dev or (head_dev == "cpu" and emb.device.type == "cpu"):
+        model.lm_head.weight = emb
+    else:
+        model.lm_head.weight = torch.nn.Parameter(emb.detach().to(head_dev, dtype), requires_grad=False)

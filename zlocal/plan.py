@@ -93,6 +93,7 @@ class LoadPlan:
     usable_vram_bytes: int = 0
     usable_ram_bytes: int = 0
     quality: float = 1.0
+    source_quantized: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,11 +204,27 @@ def usable_memory(hw: HardwareReport, max_vram_bytes: int | None = None) -> tupl
     return vram, ram
 
 
+def source_format(source_quant: dict) -> tuple[str, int]:
+    """(weights_format, bits) of an already-quantized checkpoint's quantization_config."""
+    method = str(source_quant.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        if source_quant.get("load_in_4bit"):
+            return str(source_quant.get("bnb_4bit_quant_type", "nf4")), 4
+        return "bnb-int8", 8
+    return "gptq", int(source_quant.get("bits", 4))
+
+
 def _formats(hw: HardwareReport, dense: str, source_quant: dict | None) -> tuple[list[str], list[str]]:
     k = hw.kernels
     if source_quant:
-        on_gpu = hw.gpu is not None and any(k.get(n) for n in ("gptqmodel_marlin", "gptqmodel_exllama"))
-        return (["gptq"] if on_gpu else []), (["gptq"] if k.get("gptqmodel_torch") else [])
+        # an already-quantized checkpoint is loaded as it is, whole, on one device
+        fmt, _ = source_format(source_quant)
+        if fmt == "gptq":
+            on_gpu = any(k.get(n) for n in ("gptqmodel_marlin", "gptqmodel_exllama"))
+            on_cpu = bool(k.get("gptqmodel_torch"))
+        else:
+            on_gpu, on_cpu = bool(k.get("bitsandbytes_cuda")), True
+        return ([fmt] if on_gpu and hw.gpu else []), ([fmt] if on_cpu else [])
     gpu = [dense] + (["bnb-int8", "nf4"] if k.get("bitsandbytes_cuda") else []) if hw.gpu else []
     cpu = (
         [dense]
@@ -218,8 +235,8 @@ def _formats(hw: HardwareReport, dense: str, source_quant: dict | None) -> tuple
 
 
 def _bits(fmt: str | None, source_quant: dict | None, compute: str) -> int:
-    if fmt == "gptq":
-        return int((source_quant or {}).get("bits", 4))
+    if source_quant and fmt is not None and fmt not in ("bf16", "fp16", "fp32"):
+        return source_format(source_quant)[1]
     return FORMAT_BITS.get(fmt or compute, 16)
 
 
@@ -302,6 +319,7 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
         usable_vram_bytes=b.vram,
         usable_ram_bytes=b.ram,
         quality=round(quality, 4),
+        source_quantized=bool(source_quant),
     )
 
 
@@ -315,12 +333,16 @@ def _candidates(spec: _Spec, ctx: int, hw: HardwareReport) -> list[LoadPlan]:
     gpu_fmts, cpu_fmts = _formats(hw, spec.compute, spec.source_quant)
     n, b = spec.shape.num_layers, spec.budget
     out = []
-    pairs = [
-        (gf, cf) for gf in gpu_fmts for cf in cpu_fmts if FORMAT_BITS.get(cf, 4) <= FORMAT_BITS.get(gf, 16)
-    ]
-    pairs += [(None, cf) for cf in cpu_fmts]
-    if not cpu_fmts:
-        pairs += [(gf, None) for gf in gpu_fmts]
+    if spec.source_quant:
+        pairs = [(gf, None) for gf in gpu_fmts] + [(None, cf) for cf in cpu_fmts]
+    else:
+        pairs = [
+            (gf, cf)
+            for gf in gpu_fmts
+            for cf in cpu_fmts
+            if FORMAT_BITS.get(cf, 4) <= FORMAT_BITS.get(gf, 16)
+        ]
+        pairs += [(None, cf) for cf in cpu_fmts]
     for gf, cf in pairs:
         if gf is None:
             out.append(_candidate(spec, ctx, 0, None, cf))
@@ -391,6 +413,8 @@ def make_plan(
     else:
         compute = "bf16"
         why_dtype = "compute dtype bf16 on the CPU (half the bytes of fp32; decode is bandwidth-bound)"
+    if source_quant:
+        group_size = int(source_quant.get("group_size") or group_size)
     spec = _Spec(shape, b, compute, source_quant, group_size, prefill_chunk)
     ctx_try, cands, chosen, why = want, [], None, ""
     while True:
