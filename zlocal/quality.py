@@ -37,6 +37,7 @@ class QualityReport:
     ppl_change_pct: float
     kl_mean: float
     top1_agreement: float
+    mode: str = "native"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +50,7 @@ class QualityReport:
             ("perplexity, converted", f"{self.ppl:.3f} ({self.ppl_change_pct:+.2f}%)"),
             ("mean KL(ref || converted)", f"{self.kl_mean:.5f} nats/token"),
             ("top-1 token agreement", f"{100 * self.top1_agreement:.2f}%"),
+            ("kernels", self.mode),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -89,6 +91,12 @@ def _load(path: Path, dtype: torch.dtype | None = None):
     return model
 
 
+def _is_bnb(model) -> bool:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)) == "bitsandbytes"
+
+
 def _windows(ids: list[int], window: int) -> list[torch.Tensor]:
     out = [torch.tensor(ids[i : i + window]) for i in range(0, len(ids), window)]
     return [w for w in out if w.numel() >= 2]
@@ -123,11 +131,16 @@ def evaluate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     window: int = DEFAULT_WINDOW,
     quiet: bool = True,
+    native: bool = False,
 ) -> QualityReport:
     """Compare MODEL against REFERENCE on the same tokens (tokenizer of the reference).
 
     Both are checkpoint directories (or anything ``resolve_model`` accepts). Computation runs on
     CPU in the reference's dtype (float16 checkpoints run in bfloat16 on CPU).
+
+    bitsandbytes models are dequantized after loading unless ``native``: that measures what the
+    stored weights lose, which is what zlocal's weight-only CPU kernels compute, and avoids
+    bitsandbytes' CPU path (int8 also quantizes activations, and is ~40x slower than bf16).
     """
     from transformers import AutoTokenizer
 
@@ -155,6 +168,10 @@ def evaluate(
     if not quiet:
         print("evaluating the converted model...", file=sys.stderr)
     qm = _load(model_path, dtype)
+    mode = "native"
+    if _is_bnb(qm) and not native:
+        qm = qm.dequantize()
+        mode = "weight-only (bitsandbytes weights dequantized)"
     q_lp = _logprobs(qm, windows)
     del qm
     gc.collect()
@@ -178,4 +195,5 @@ def evaluate(
         ppl_change_pct=round(100 * (ppl_q / ppl_ref - 1), 3),
         kl_mean=round(kl / n, 6),
         top1_agreement=round(agree / n, 4),
+        mode=mode,
     )

@@ -14,6 +14,11 @@ def register(sub) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
     p.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="run bitsandbytes models with bitsandbytes' own kernels instead of dequantized weights",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -27,6 +32,7 @@ def run(args) -> int:
         max_tokens=args.max_tokens,
         window=args.window,
         quiet=args.json,
+        native=args.native,
     )
     print(json.dumps(report.to_dict()) if args.json else report.table())
     return 0

@@ -1,0 +1,58 @@
+"""GPTQ round trips on the tiny fixture (group size 32 divides its 64 and 128 input features)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from zlocal.convert import convert
+from zlocal.manifest import verify
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    reason="GPTQ tests need gptqmodel and optimum (pip install 'zlocal[gptq]')",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,bits", [("gptq4", 4), ("gptq8", 8)])
+def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import zlocal
+
+    r = convert(
+        tiny_zephyr,
+        tmp_path / method,
+        method,
+        group_size=32,
+        samples=2,
+        seq_len=64,
+        evaluate=False,
+        quiet=True,
+    )
+    out = tmp_path / method
+    assert verify(out).ok and r.group_size == 32
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == 32
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    ids = torch.tensor([[1, 22557, 736]])
+    hf = model.generate(ids, max_new_tokens=4, do_sample=False)[0, 3:].tolist()
+    rt = zlocal.load(str(out), dtype="bfloat16", max_context=64)
+    toks = [x.token for x in rt.stream_tokens([1, 22557, 736], max_new_tokens=4, temperature=0) if x.token]
+    assert len(hf) == 4 and len(toks) == 4
+    m = json.loads((out / "zlocal.json").read_text())
+    assert m["method"] == method and m["group_size"] == 32 and "gptqmodel" in m["versions"]
+
+
+def test_calibration_windows_differ(mistral_tokenizer):
+    from zlocal.quality import builtin_text
+    from zlocal.quantize_gptq import calibration_samples
+
+    s = calibration_samples(mistral_tokenizer, builtin_text("calibration.txt"), 8, 256)
+    assert len(s) == 8 and all(len(x["input_ids"]) == 256 for x in s)
+    assert len({tuple(x["input_ids"]) for x in s}) == 8

@@ -1,0 +1,78 @@
+"""zlocal.json: hashes written at conversion time, and `zlocal verify` catching any change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zlocal.convert import convert
+from zlocal.errors import VerificationError
+from zlocal.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_zephyr, tmp_path_factory):
+    return convert(tiny_zephyr, tmp_path_factory.mktemp("m") / "int8", "int8", evaluate=False, quiet=True)
+
+
+@pytest.fixture
+def copy(converted, tmp_path):
+    import shutil
+
+    return shutil.copytree(converted.out, tmp_path / "c")
+
+
+def test_manifest_hashes_every_file(converted):
+    from pathlib import Path
+
+    out = Path(converted.out)
+    m = read_manifest(out)
+    names = {p.name for p in out.iterdir() if p.name != MANIFEST_NAME}
+    assert set(m.files) == names
+    for name, entry in m.files.items():
+        assert entry.sha256 == sha256_file(out / name) and entry.bytes == (out / name).stat().st_size
+    assert m.method == "int8" and m.bits == 8 and m.group_size is None
+    assert Manifest.from_dict(json.loads((out / MANIFEST_NAME).read_text())) == m
+
+
+def test_verify_ok_then_flipped_byte_detected(copy):
+    assert verify(copy).ok
+    shard = copy / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    r = verify(copy)
+    assert not r.ok and r.mismatched == ["model.safetensors"] and "changed: model.safetensors" in r.summary()
+
+
+def test_verify_reports_missing_and_unexpected(copy):
+    (copy / "tokenizer.json").unlink()
+    (copy / "extra.safetensors").write_bytes(b"x")
+    r = verify(copy)
+    assert r.missing == ["tokenizer.json"] and r.unexpected == ["extra.safetensors"] and not r.ok
+
+
+def test_verify_rejects_path_in_manifest(copy):
+    m = json.loads((copy / MANIFEST_NAME).read_text())
+    m["files"]["../escape"] = {"sha256": "0" * 64, "bytes": 1}
+    (copy / MANIFEST_NAME).write_text(json.dumps(m))
+    assert verify(copy).missing == ["../escape"]
+
+
+def test_missing_or_broken_manifest(tmp_path, copy):
+    with pytest.raises(VerificationError, match="no zlocal.json"):
+        verify(tmp_path)
+    (copy / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(VerificationError, match="unreadable"):
+        verify(copy)
+
+
+def test_cli_verify_exit_codes(copy, capsys):
+    from zlocal.cli import main
+
+    assert main(["verify", str(copy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    (copy / "config.json").write_text("{}")
+    assert main(["verify", str(copy)]) == 8
+    assert "changed: config.json" in capsys.readouterr().out
