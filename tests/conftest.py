@@ -46,11 +46,11 @@ def smollm2():
 def tiny_runtime(tiny_zephyr):
     import zlocal
 
-    return zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
+    return zlocal.load(str(tiny_zephyr), plan=None, dtype="float32", max_context=512)
 
 
 @pytest.fixture(scope="session")
 def smollm2_runtime(smollm2):
     import zlocal
 
-    return zlocal.load(str(smollm2), dtype="float32", max_context=2048)
+    return zlocal.load(str(smollm2), plan=None, dtype="float32", max_context=2048)

@@ -17,6 +17,7 @@ import torch
 
 from .detok import IncrementalDecoder, StopStringFilter
 from .errors import ContextOverflowError, InvalidArgumentError
+from .fastpath import FastForward, unsupported_reason
 from .kvcache import KVCache
 from .sampling import SamplingParams, make_generator, sample
 
@@ -68,6 +69,7 @@ class Engine:
         max_context: int,
         stop_token_ids: Sequence[int] = (),
         prefill_chunk: int = 512,
+        fast: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -79,6 +81,11 @@ class Engine:
         self.cached_ids: list[int] = []
         self.stats = EngineStats()
         self.input_device = model.get_input_embeddings().weight.device
+        # The lean forward when the model allows it; the HF forward otherwise (and as the reference).
+        self.fast = None
+        self.fast_reason = unsupported_reason(model) if fast else "disabled"
+        if self.fast_reason is None:
+            self.fast = FastForward(model, self.cache, self.max_context)
 
     def reset(self) -> None:
         """Forget the cached prefix (the buffers stay allocated)."""
@@ -97,10 +104,13 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.input_device)
-        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        if self.fast is not None:
+            logits = self.fast(list(ids))
+        else:
+            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.input_device)
+            logits = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         self.cached_ids.extend(int(i) for i in ids)
-        return out.logits[0, -1]
+        return logits
 
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Bring the cache to ``prompt_ids`` reusing the shared prefix; return next-token logits."""

@@ -1,0 +1,85 @@
+"""The lean forward gives the same tokens as the HF forward it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zlocal
+from zlocal.fastpath import unsupported_reason
+
+
+def _greedy(rt, ids, n, fast):
+    e = rt.engine
+    saved_fast, saved_stop = e.fast, e.stop_token_ids
+    e.fast = saved_fast if fast else None
+    e.stop_token_ids = frozenset()
+    try:
+        e.reset()
+        return rt.generate(ids, temperature=0, max_new_tokens=n).token_ids
+    finally:
+        e.fast, e.stop_token_ids = saved_fast, saved_stop
+
+
+def test_fast_path_is_active_for_llama_and_mistral(tiny_runtime, smollm2_runtime):
+    assert tiny_runtime.engine.fast is not None and smollm2_runtime.engine.fast is not None
+
+
+def test_fast_equals_hf_forward_tiny_beyond_window(tiny_runtime):
+    rt = tiny_runtime
+    ids = rt.encode("The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
+                    "checking the lamp, the lens and the clockwork that turned them, and writing the weather "
+                    "into a logbook that nobody but the supply boat captain would ever read.")
+    assert len(ids) > rt.model.config.sliding_window
+    assert _greedy(rt, ids, 40, fast=True) == _greedy(rt, ids, 40, fast=False)
+    rt.engine.prefill_chunk = 7  # chunked prefill crossing the window inside chunks
+    try:
+        assert _greedy(rt, ids, 20, fast=True) == _greedy(rt, ids, 20, fast=False)
+    finally:
+        rt.engine.prefill_chunk = 512
+
+
+def test_fast_equals_hf_forward_smollm2(smollm2_runtime):
+    rt = smollm2_runtime
+    ids = rt.encode_chat([{"role": "user", "content": "List three uses of copper."}])
+    assert _greedy(rt, ids, 40, fast=True) == _greedy(rt, ids, 40, fast=False)
+
+
+def test_fast_logits_close_to_hf_in_bf16(smollm2):
+    rt = zlocal.load(str(smollm2), dtype="bfloat16", max_context=256)
+    ids = rt.encode("Copper is a metal that")
+    e = rt.engine
+    e.reset()
+    fast_logits = e.prefill(ids).float()
+    fast, e.fast = e.fast, None
+    e.reset()
+    hf_logits = e.prefill(ids).float()
+    e.fast = fast
+    assert torch.argmax(fast_logits) == torch.argmax(hf_logits)
+    assert torch.nn.functional.cosine_similarity(fast_logits, hf_logits, dim=0) > 0.999
+
+
+def test_unsupported_models_keep_the_hf_forward(tiny_runtime):
+    class Fake:
+        config = type("C", (), {"model_type": "gpt2"})()
+
+    assert "architecture" in unsupported_reason(Fake())
+    assert unsupported_reason(tiny_runtime.model) is None
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
+    rt = tiny_runtime
+    e = rt.engine
+    saved = e.fast
+    e.fast = saved if fast else None
+    try:
+        e.reset()
+        a = rt.encode("Hello world, how are you?")
+        rt.generate(a, temperature=0, max_new_tokens=3)
+        warm = rt.generate(a + [28705, 13], temperature=0, max_new_tokens=5).token_ids
+        assert e.stats.last_reused == len(a)
+        e.reset()
+        assert rt.generate(a + [28705, 13], temperature=0, max_new_tokens=5).token_ids == warm
+    finally:
+        e.fast = saved

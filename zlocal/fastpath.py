@@ -1,0 +1,168 @@
+"""A lean forward for Llama-style decoders (Llama, Mistral/Zephyr, SmolLM2) on the HF model's own weights.
+
+Same math as the HF forward with far fewer Python-level ops per token: q/k/v and gate/up projections
+fused into one matmul each (the HF modules are re-pointed at views of the fused weights, so memory is
+not doubled), rotary tables precomputed once from the model's own rotary module, grouped-query decode
+attention without repeating K/V, and the KV cache written straight into the engine's preallocated
+buffers. Greedy outputs are tested identical to the HF forward. Anything it does not handle
+(biases, other activations, layers offloaded with accelerate hooks) keeps the HF forward;
+quantized linear modules are called as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ContextOverflowError
+from .kvcache import KVCache
+
+_TYPES = {"llama", "mistral"}
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    cfg = model.config
+    if cfg.model_type not in _TYPES:
+        return f"architecture {cfg.model_type}"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        return "layers split across devices"
+    for layer in model.model.layers:
+        if getattr(layer, "_hf_hook", None) is not None:
+            return "accelerate hooks (offload)"
+    return None
+
+
+def _plain(lin) -> bool:
+    return type(lin) is nn.Linear and lin.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _projection(linears: list):
+    """One callable computing the concatenated outputs of ``linears``.
+
+    Plain float Linears are fused into one weight (the modules are re-pointed at views of it, so
+    memory is not doubled); quantized modules (zlocal's CPU int8/int4 kernels) are called in turn.
+    """
+    if not all(_plain(lin) for lin in linears):
+        if len(linears) == 1:
+            return linears[0]
+        return lambda x: torch.cat([lin(x) for lin in linears], dim=-1)
+    if len(linears) == 1:
+        weight = linears[0].weight
+        return lambda x: F.linear(x, weight)
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
+        start += n
+    return lambda x: F.linear(x, fused)
+
+
+class FastForward:
+    """Decode/prefill forward writing into a KVCache; returns last-position logits."""
+
+    def __init__(self, model, cache: KVCache, max_context: int):
+        cfg = model.config
+        self.model = model
+        self.cache = cache
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.heads // self.kv_heads
+        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.embed = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    layer.input_layernorm.variance_epsilon,
+                    _projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    _projection([attn.o_proj]),
+                    attn.scaling,
+                    layer.post_attention_layernorm.weight,
+                    layer.post_attention_layernorm.variance_epsilon,
+                    _projection([mlp.gate_proj, mlp.up_proj]),
+                    _projection([mlp.down_proj]),
+                )
+            )
+        weight = self.embed.weight
+        with torch.inference_mode():
+            pos = torch.arange(max_context, device=weight.device)[None]
+            probe = torch.zeros(1, 1, dtype=weight.dtype, device=weight.device)
+            cos, sin = model.model.rotary_emb(probe, position_ids=pos)
+        self.cos, self.sin = cos[0], sin[0]  # [max_context, head_dim], in the model dtype like HF
+
+    @staticmethod
+    def _rms(x, w, eps):
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return w * x32.to(dtype)
+
+    def _rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    @torch.inference_mode()
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        cache = self.cache
+        start, t = cache.length, len(ids)
+        end = start + t
+        if end > cache.max_tokens:
+            raise ContextOverflowError(f"KV cache full: {end} tokens do not fit in {cache.max_tokens}")
+        h = self.embed(torch.tensor([ids], dtype=torch.long, device=self.embed.weight.device))
+        cos = self.cos[start:end][None, :, None, :]  # [1, t, 1, d]
+        sin = self.sin[start:end][None, :, None, :]
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        mask = None
+        packed = False
+        if t == 1 and self.window and end >= self.window:
+            # Past the window transformers masks the old keys and packs the query heads per K/V head;
+            # doing the same keeps the results bit-identical to the HF forward.
+            mask = (torch.arange(end, device=h.device) > end - 1 - self.window)[None, None, None, :]
+            packed = True
+        elif t > 1:
+            q_pos = torch.arange(start, end, device=h.device)[:, None]
+            k_pos = torch.arange(0, end, device=h.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.window:
+                mask = mask & (k_pos > q_pos - self.window)
+        for i, (w_in, eps_in, qkv_proj, o_proj, scale, w_post, eps_post, gate_up, down) in enumerate(self.layers):
+            x = self._rms(h, w_in, eps_in)
+            qkv = qkv_proj(x).view(1, t, nq + 2 * nkv, d)
+            qk = self._rope(qkv[:, :, : nq + nkv], cos, sin)
+            q = qk[:, :, :nq].transpose(1, 2)
+            k = qk[:, :, nq:].transpose(1, 2)
+            v = qkv[:, :, nq + nkv :].transpose(1, 2)
+            layer = cache.layers[i]
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.keys[:, :, start:end] = k
+            layer.values[:, :, start:end] = v
+            layer.length = end
+            keys, values = layer.keys[:, :, :end], layer.values[:, :, :end]
+            # The same sdpa calls as transformers' sdpa attention, so results match it bit for bit.
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+            elif packed:
+                o = F.scaled_dot_product_attention(q.reshape(1, nkv, self.group, d), keys, values,
+                                                   attn_mask=mask, scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            h = h + o_proj(o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d))
+            x = self._rms(h, w_post, eps_post)
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            h = h + down(F.silu(gate) * up)
+        h = self.norm(h[:, -1:])
+        return self.lm_head(h)[0, -1]
