@@ -26,6 +26,7 @@ from .errors import CheckpointError, ConversionError, InvalidArgumentError, Zloc
 from .manifest import Manifest, read_manifest, sha256_file, write_manifest
 from .quantize_bnb import (
     BNB_METHODS,
+    DEFAULT_MAX_SHARD_BYTES,
     ST_DTYPES,
     TensorEntry,
     bnb_quantization_config,
@@ -351,7 +352,7 @@ def convert(
                     method,
                     compute_dtype,
                     progress=tick,
-                    max_shard_bytes=max_shard_bytes or (1 << 30),
+                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
                 )
             shutil.rmtree(tmp / ".stage", ignore_errors=True)
             _copy_aux_files(src_path, tmp)

@@ -25,7 +25,7 @@ from .errors import CheckpointError, DependencyError
 
 BNB_METHODS = {"nf4": 4, "fp4": 4, "int8": 8}
 BLOCKSIZE_4BIT = 64  # what transformers/bitsandbytes use for Params4bit by default
-DEFAULT_MAX_SHARD_BYTES = 1 << 30  # 1 GiB output shards keep the write buffer small
+DEFAULT_MAX_SHARD_BYTES = 512 << 20  # small output shards bound the write buffer (and its serialization copy)
 
 ST_DTYPES = {
     "F32": torch.float32,
