@@ -127,9 +127,10 @@ def load_profile(name: str, kind: str | None = None) -> dict:
 
 def hardware_from_profile(name: str) -> HardwareReport:
     """A simulated machine from a gpu or cpu profile."""
-    prof = load_profile(name)
-    if prof.get("kind") not in ("gpu", "cpu"):
-        raise PlanError(f"profile {name!r} describes a {prof.get('kind')}, not a machine")
+    machines = {**list_profiles("gpu"), **list_profiles("cpu")}
+    if name not in machines:
+        raise PlanError(f"unknown machine profile {name!r}; known: {', '.join(sorted(machines)) or 'none'}")
+    prof = machines[name]
     host = prof["host"]
     cpu = CpuInfo(
         model=host.get("cpu", "CPU"),

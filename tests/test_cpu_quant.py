@@ -1,0 +1,241 @@
+"""Fast CPU weight-only kernels: exact against dequantized references, close to the float model,
+and what the loader uses for CPU layers of a quantizing plan (never bitsandbytes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import zlocal
+from zlocal.cpu_quant import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    WeightOnlyQuantHandler,
+    can_quantize,
+    int4_group_size,
+    quantize_int4,
+    quantize_int8,
+    quantize_linear,
+    quantized_bytes,
+)
+from zlocal.memory import ModelShape, estimate
+
+
+def _dequant_int8(q, scales):
+    return q.float() * scales[:, None]
+
+
+def _dequant_int4(q, sz, group):
+    scale = sz[..., 0].t().repeat_interleave(group, dim=1)
+    zero = sz[..., 1].t().repeat_interleave(group, dim=1)
+    return (q.float() - 8) * scale + zero
+
+
+def test_quantizers_round_trip_within_half_a_step():
+    w = torch.randn(64, 256)
+    q, s = quantize_int8(w)
+    assert (w - _dequant_int8(q, s)).abs().max() <= s.max() / 2 + 1e-6
+    q4, sz = quantize_int4(w, 64)
+    assert q4.min() >= 0 and q4.max() <= 15
+    step = sz[..., 0].max()
+    assert (w - _dequant_int4(q4, sz, 64)).abs().max() <= step / 2 + 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_dequantized_reference(bits, dtype, tol):
+    w, b = torch.randn(48, 128), torch.randn(48)
+    x = torch.randn(2, 3, 128)
+    m = quantize_linear(w, b, bits, dtype, group_size=64)
+    assert isinstance(m, Int8WeightOnlyLinear if bits == 8 else Int4WeightOnlyLinear)
+    if bits == 8:
+        q, s = quantize_int8(w)
+        deq = _dequant_int8(q, s)
+    else:
+        q, sz = quantize_int4(w, 64)
+        deq = _dequant_int4(q, sz, 64)
+    ref = nn.functional.linear(x.to(dtype).float(), deq.to(dtype).float(), b.to(dtype).float())
+    y = m(x)
+    assert y.shape == (2, 3, 48) and y.dtype == x.dtype
+    assert (y - ref).abs().max() / ref.abs().max() < tol
+
+
+@pytest.mark.parametrize("bits,rel", [(8, 0.01), (4, 0.15)])
+def test_kernel_close_to_float_linear(bits, rel):
+    lin = nn.Linear(256, 128, bias=False)
+    x = torch.randn(4, 256)
+    q = quantize_linear(lin.weight, None, bits, torch.float32)
+    ref = lin(x)
+    assert ((q(x) - ref).norm() / ref.norm()).item() < rel
+
+
+def test_kernel_constraints():
+    assert can_quantize((48, 100), 8)
+    assert not can_quantize((40, 128), 4)  # out_features must be a multiple of 16
+    assert not can_quantize((48, 100), 4)  # no group size divides 100
+    assert int4_group_size(576) == 64 and int4_group_size(4096) == 128 and int4_group_size(96) == 32
+
+
+def _tiny_block():
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.layers = nn.ModuleList(
+        [nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 40), nn.Linear(40, 64), nn.Linear(64, 64))]
+    )
+    m.lm_head = nn.Linear(64, 32)
+    return m
+
+
+def test_handler_two_phases_equal_one_shot():
+    a, b = _tiny_block(), _tiny_block()
+    x = torch.randn(3, 64)
+    h = WeightOnlyQuantHandler(a, bits=4, dtype=torch.float32)
+    # 40 rows or 40 inputs: the int4 kernel refuses them; lm_head stays dense
+    assert sorted(h.targets()) == ["layers.0.0", "layers.0.3"]
+    state = h.quantize()
+    h.convert()
+    a.load_state_dict(state, strict=False, assign=True)
+    assert WeightOnlyQuantHandler(b, bits=4, dtype=torch.float32).apply() == 2
+    assert isinstance(a.layers[0][1], nn.Linear) and isinstance(a.lm_head, nn.Linear)
+    ya = a.lm_head(a.layers[0](x))
+    yb = b.lm_head(b.layers[0](x))
+    assert torch.equal(ya, yb)
+
+
+# -- whole models through zlocal.load -----------------------------------------------------------
+
+
+def auto_plan(path, dtype: str = "float32", ctx: int = 512):
+    """The plan zlocal.load(path, dtype=dtype, max_context=ctx) makes on this machine."""
+    from zlocal.loader import load_config, plan_for
+    from zlocal.resolve import resolve_model
+
+    resolved = resolve_model(str(path))
+    return plan_for(resolved, load_config(resolved), plan="auto", dtype=dtype, max_context=ctx)
+
+
+def _plan(base, fmt: str, dtype: str = "bf16"):
+    return dataclasses.replace(
+        base,
+        weights_format=fmt,
+        cpu_format=fmt,
+        bits={"int8": 8, "int4": 4}.get(fmt, 16),
+        compute_dtype=dtype,
+        kv_cache_dtype=dtype,
+        quantize_on_load=True,
+        reasons=["test"],
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8(smollm2):
+    return zlocal.load(str(smollm2), plan=_plan(auto_plan(smollm2, ctx=2048), "int8", "bf16"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(smollm2):
+    plan = dataclasses.replace(_plan(auto_plan(smollm2, ctx=2048), "int4", "bf16"), group_size=32)
+    return zlocal.load(str(smollm2), plan=plan)
+
+
+def _logits(rt, text: str) -> torch.Tensor:
+    ids = torch.tensor([rt.encode(text)])
+    with torch.inference_mode():
+        return rt.model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+PROSE = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+
+
+def _modules(rt):
+    return {type(m).__module__.split(".")[0] for m in rt.model.modules()}
+
+
+@pytest.mark.parametrize("name,max_rel,min_top1", [("smollm2_int8", 0.08, 0.9), ("smollm2_int4", 0.1, 0.9)])
+def test_quantized_smollm2_close_to_reference(request, smollm2_runtime, name, max_rel, min_top1):
+    rt = request.getfixturevalue(name)
+    ref, out = _logits(smollm2_runtime, PROSE), _logits(rt, PROSE)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"{name}: relative logit error {rel:.3f}, same top-1 {top1:.0%}")
+    assert rel < max_rel and top1 >= min_top1
+    assert "bitsandbytes" not in _modules(rt)
+    kinds = {type(m).__name__ for m in rt.model.model.layers.modules()}
+    assert kinds & {"Int8WeightOnlyLinear", "Int4WeightOnlyLinear"} and "Linear" not in kinds
+    assert rt.plan.quantize_on_load and rt.info.device == "cpu"
+
+
+def test_int8_greedy_generation_matches_reference(smollm2_runtime, smollm2_int8):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = smollm2_runtime.chat_completion(msgs, temperature=0, max_new_tokens=6)
+    out = smollm2_int8.chat_completion(msgs, temperature=0, max_new_tokens=6)
+    assert out.token_ids[:4] == ref.token_ids[:4]
+    assert "Paris" in out.text
+
+
+def test_quantized_memory_estimate(smollm2_int4):
+    rt = smollm2_int4
+    rt.generate("Hi", max_new_tokens=1, temperature=0)
+    measured = quantized_bytes(rt.model) + rt.engine.cache.nbytes()
+    est = estimate(
+        ModelShape.from_config(rt.model.config),
+        ctx=rt.max_context,
+        cpu_format="int4",
+        compute_bytes=2,
+        kv_bytes=2,
+        group_size=rt.plan.group_size,
+        include_overheads=False,
+    ).ram_bytes
+    print(f"smollm2 int4: estimated {est} measured {measured} ({est / measured - 1:+.2%})")
+    assert est == pytest.approx(measured, rel=0.10)
+    dense = estimate(
+        ModelShape.from_config(rt.model.config),
+        ctx=rt.max_context,
+        cpu_format="bf16",
+        compute_bytes=2,
+        kv_bytes=2,
+        include_overheads=False,
+    ).cpu_weights
+    assert quantized_bytes(rt.model) < 0.6 * dense
+
+
+def test_streamed_load_equals_two_phase_handler(tiny_zephyr):
+    streamed = zlocal.load(str(tiny_zephyr), plan=_plan(auto_plan(tiny_zephyr), "int4", "fp32"))
+    from zlocal.loader import load_model
+    from zlocal.resolve import resolve_model
+
+    dense = load_model(resolve_model(str(tiny_zephyr)), dtype="float32", device="cpu").model
+    WeightOnlyQuantHandler(dense, bits=4, dtype=torch.float32, group_size=streamed.plan.group_size).apply()
+    assert torch.equal(_logits(streamed, PROSE), _logits_model(dense, streamed.encode(PROSE)))
+
+
+def _logits_model(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_nf4_with_cpu_int4_split(tiny_zephyr, tiny_runtime):
+    plan = dataclasses.replace(
+        auto_plan(tiny_zephyr),
+        weights_format="nf4",
+        gpu_format="nf4",
+        cpu_format="int4",
+        gpu_layers=1,
+        cpu_layers=1,
+        bits=4,
+        compute_dtype="bf16",
+        kv_cache_dtype="bf16",
+        gpu_device="cuda:0",
+        reasons=[],
+    )
+    rt = zlocal.load(str(tiny_zephyr), plan=plan)
+    assert rt.model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+    assert type(rt.model.model.layers[1].mlp.down_proj).__name__ == "Int4WeightOnlyLinear"
+    ref, out = _logits(tiny_runtime, PROSE), _logits(rt, PROSE).cpu()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.5
+    assert rt.chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=4) is not None

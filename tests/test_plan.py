@@ -1,0 +1,265 @@
+"""Load planner: decisions for every simulated machine, the never-pretend invariant, plan JSON,
+the runtime following a plan, and the out-of-memory step-down."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zlocal
+from tests.test_cpu_quant import auto_plan
+from zlocal import cli, loader
+from zlocal.errors import PlanError
+from zlocal.hardware import CpuInfo, HardwareReport, hardware_from_profile, list_profiles
+from zlocal.memory import GIB, ModelShape
+from zlocal.plan import LoadPlan, load_plan, make_plan, save_plan, step_down
+
+ZEPHYR = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
+MACHINES = sorted({**list_profiles("gpu"), **list_profiles("cpu")})
+CONTRACT_KEYS = {
+    "weights_format",
+    "bits",
+    "gpu_layers",
+    "cpu_layers",
+    "kv_cache_dtype",
+    "max_context",
+    "compute_dtype",
+    "estimated_vram_bytes",
+    "estimated_ram_bytes",
+    "predicted_decode_tok_s",
+    "reasons",
+}
+HW = {name: hardware_from_profile(name) for name in MACHINES}
+
+
+def _within_budget(p: LoadPlan) -> bool:
+    return p.estimated_vram_bytes <= p.usable_vram_bytes and p.estimated_ram_bytes <= p.usable_ram_bytes
+
+
+@pytest.mark.parametrize("name", MACHINES)
+def test_every_profile_gets_a_fitting_zephyr_plan_at_4096(name):
+    hw = HW[name]
+    p = make_plan(hw, ZEPHYR, model="zephyr-7b-beta", ctx=4096)
+    assert p.fits and _within_budget(p) and p.max_context == 4096
+    assert p.gpu_layers + p.cpu_layers == 32 and p.reasons
+    assert p.kv_cache_dtype == p.compute_dtype
+    if hw.gpu is None:
+        assert p.gpu_layers == 0 and p.estimated_vram_bytes == 0 and p.cpu_format in ("int8", "int4")
+        assert p.quantize_on_load  # bf16 (14.5 GB) cannot fit 16 GB of RAM
+    else:
+        assert p.compute_dtype == ("bf16" if float(hw.gpu.compute_capability) >= 8.0 else "fp16")
+        assert p.gpu_layers > 0
+    assert 0.5 < p.predicted_decode_tok_s < 200
+
+
+def test_specific_decisions():
+    big = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096)
+    assert (big.weights_format, big.gpu_layers) == ("bf16", 32)  # quality: 14.5 GB fits 24 GB with headroom
+    fast = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, prefer="speed")
+    assert fast.bits == 4 and fast.predicted_decode_tok_s > big.predicted_decode_tok_s
+    small = make_plan(HW["rtx-3060-ti-8gb"], ZEPHYR, ctx=4096)
+    assert small.bits == 4 and small.gpu_layers == 32  # only 4-bit fits 8 GB
+    # the bandwidth model: more bandwidth, same plan -> faster
+    assert (
+        make_plan(HW["rtx-4070-12gb"], ZEPHYR).predicted_decode_tok_s
+        > make_plan(HW["rtx-3060-12gb"], ZEPHYR).predicted_decode_tok_s
+    )
+
+
+def test_max_vram_caps_the_gpu_share():
+    p = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, max_vram_bytes=4 * GIB)
+    assert p.fits and p.estimated_vram_bytes <= 4 * GIB and 0 < p.gpu_layers < 32
+    assert p.cpu_layers > 0 and p.cpu_format is not None
+
+
+def test_long_context_on_small_card_offloads_or_shrinks():
+    p = make_plan(HW["gtx-1660-6gb"], ZEPHYR, ctx=32768)
+    assert p.fits and _within_budget(p)
+    assert p.cpu_layers > 0 or p.max_context < 32768
+
+
+def _tiny_machine(ram_gb: float) -> HardwareReport:
+    cpu = CpuInfo(model="tiny", cores=2, threads=2, bandwidth_gbs=10)
+    return HardwareReport(
+        source="test",
+        cpu=cpu,
+        ram_total_bytes=int(ram_gb * GIB),
+        ram_available_bytes=int(ram_gb * GIB),
+        kernels={"torch_int8_cpu": True, "torch_int4_cpu": True},
+    )
+
+
+def test_plan_that_cannot_fit_says_so():
+    p = make_plan(_tiny_machine(2), ZEPHYR, ctx=4096)
+    assert not p.fits and p.reasons[0].startswith("does not fit")
+    assert p.estimated_ram_bytes > p.usable_ram_bytes
+
+
+def test_context_is_reduced_before_giving_up():
+    # int4 weights (~4.2 GB) + overheads fit 6.5 GB only with a smaller KV cache than 32k tokens
+    p = make_plan(_tiny_machine(8.5), ZEPHYR, ctx=32768)
+    assert p.fits and p.max_context < 32768 and any("context reduced" in r for r in p.reasons)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(MACHINES),
+    ctx=st.integers(512, 32768),
+    prefer=st.sampled_from(["quality", "speed"]),
+    max_vram=st.one_of(st.none(), st.floats(0.5, 30)),
+)
+def test_never_pretends(name, ctx, prefer, max_vram):
+    p = make_plan(
+        HW[name], ZEPHYR, ctx=ctx, prefer=prefer, max_vram_bytes=int(max_vram * GIB) if max_vram else None
+    )
+    assert p.gpu_layers + p.cpu_layers == ZEPHYR.num_layers
+    if p.fits:
+        assert _within_budget(p), p.summary()
+        assert p.max_context <= ctx
+    else:
+        assert p.reasons[0].startswith("does not fit") and not _within_budget(p)
+
+
+def test_bad_arguments():
+    with pytest.raises(PlanError):
+        make_plan(HW["rtx-3060-12gb"], ZEPHYR, ctx=40000)
+    with pytest.raises(PlanError):
+        make_plan(HW["rtx-3060-12gb"], ZEPHYR, prefer="cheap")
+
+
+# -- JSON and CLI ---------------------------------------------------------------------------------
+def test_plan_json_round_trip(tmp_path):
+    p = make_plan(HW["rtx-3070-8gb"], ZEPHYR, model="zephyr-7b-beta", ctx=8192)
+    assert LoadPlan.from_dict(json.loads(p.to_json())) == p
+    assert load_plan(save_plan(p, tmp_path / "plan.json")) == p
+
+
+@pytest.mark.parametrize(
+    "change", [{"bits": "four"}, {"gpu_layers": -1}, {"reasons": "x"}, {"max_context": 0}]
+)
+def test_invalid_plan_json(tmp_path, change):
+    data = {**make_plan(HW["rtx-3070-8gb"], ZEPHYR).to_dict(), **change}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError):
+        load_plan(path)
+    data.pop("bits")
+    with pytest.raises(PlanError, match="missing bits"):
+        LoadPlan.from_dict(data)
+
+
+def test_cli_plan_json_keys(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    rc = cli.main(
+        ["plan", "zephyr-7b-beta", "--profile", "rtx-3060-12gb", "--ctx", "4096", "--json", "-o", str(out)]
+    )
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= CONTRACT_KEYS and data["gpu_layers"] == 32
+    assert load_plan(out).to_dict() == data
+
+
+def test_cli_plan_human_and_errors(capsys, tmp_path):
+    assert cli.main(["plan", "zephyr-7b-alpha", "--profile", "cpu-laptop-16gb"]) == 0
+    assert "predicted decode" in capsys.readouterr().out
+    hw = tmp_path / "hw.json"
+    hw.write_text(_tiny_machine(2).to_json())
+    assert cli.main(["plan", "zephyr-7b-beta", "--hardware", str(hw)]) == PlanError.exit_code
+    assert "does not fit" in capsys.readouterr().out
+    assert cli.main(["plan", "zephyr-7b-beta", "--profile", "rtx-3060-12gb", "--max-vram", "-1"]) == 2
+    assert (
+        cli.main(["plan", "zephyr-7b-beta", "--profile", "rtx-3060-12gb", "--ctx", "99999"])
+        == PlanError.exit_code
+    )
+    assert "context must be" in capsys.readouterr().err
+
+
+# -- the runtime follows the plan ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_auto(tiny_zephyr):
+    return zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)  # plan="auto" is the default
+
+
+def test_auto_plan_keeps_small_model_dense(tiny_auto, tiny_runtime):
+    p = tiny_auto.plan
+    assert isinstance(p, LoadPlan) and p.fits and not p.quantize_on_load
+    assert (p.weights_format, p.compute_dtype, p.max_context) == ("fp32", "fp32", 512)
+    assert tiny_auto.info.dtype == "float32" and tiny_auto.max_context == 512
+    msgs = [{"role": "user", "content": "Hello"}]
+    ref = tiny_runtime.chat(msgs, temperature=0, max_new_tokens=8)
+    assert tiny_auto.chat(msgs, temperature=0, max_new_tokens=8) == ref
+
+
+def test_load_from_plan_json(tiny_zephyr, tiny_runtime, tmp_path):
+    plan = dataclasses.replace(auto_plan(tiny_zephyr), max_context=128, reasons=["saved"])
+    path = save_plan(plan, tmp_path / "plan.json")
+    rt = zlocal.load(str(tiny_zephyr), plan=str(path))
+    assert rt.max_context == 128 and rt.plan.reasons == ["saved"]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert rt.chat(msgs, temperature=0, max_new_tokens=5) == tiny_runtime.chat(
+        msgs, temperature=0, max_new_tokens=5
+    )
+
+
+def test_unfit_or_wrong_plan_is_refused(tiny_zephyr):
+    with pytest.raises(PlanError, match="does not fit"):
+        zlocal.load(str(tiny_zephyr), plan=dataclasses.replace(auto_plan(tiny_zephyr), fits=False))
+    with pytest.raises(PlanError, match="layers"):
+        zlocal.load(str(tiny_zephyr), plan=dataclasses.replace(auto_plan(tiny_zephyr), cpu_layers=5))
+    if not torch.cuda.is_available():
+        with pytest.raises(PlanError, match="GPU"):
+            zlocal.load(
+                str(tiny_zephyr), plan=dataclasses.replace(auto_plan(tiny_zephyr), gpu_layers=1, cpu_layers=1)
+            )
+
+
+def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
+    real = loader.load_with_plan
+    calls = []
+
+    def flaky(resolved, config, lp):
+        calls.append(lp)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(resolved, config, lp)
+
+    monkeypatch.setattr(loader, "load_with_plan", flaky)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rt = zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
+    # a CPU plan already at the smallest context gives up bits next
+    assert len(calls) == 2 and rt.info.dtype == "bfloat16" and rt.max_context == 512
+    assert "out of memory" in rt.plan.reasons[-1] and "CPU weights fp32 -> bf16" in rt.plan.reasons[-1]
+    assert any("out of memory" in str(w.message) for w in caught)
+    assert rt.chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=3) is not None
+
+
+def test_oom_with_nothing_left_is_a_plan_error(tiny_zephyr, monkeypatch):
+    def always(resolved, config, lp):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(loader, "load_with_plan", always)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PlanError, match="out of memory"):
+            zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
+
+
+def test_step_down_order_on_a_gpu_plan():
+    hw = HW["rtx-3060-12gb"]
+    p = make_plan(hw, ZEPHYR, ctx=4096)
+    seen = [p]
+    while (nxt := step_down(seen[-1], ZEPHYR, hw)) is not None:
+        seen.append(nxt)
+        assert len(seen) < 40
+    gpu = [s.gpu_layers for s in seen]
+    assert gpu == sorted(gpu, reverse=True) and gpu[-1] == 0
+    cpu_only = [s for s in seen if s.gpu_layers == 0]
+    assert cpu_only[-1].max_context == 512 and cpu_only[-1].cpu_format == "int4"
+    assert all(s.estimated_vram_bytes <= p.estimated_vram_bytes for s in seen)
