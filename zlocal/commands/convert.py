@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -55,20 +56,22 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..convert import convert
 
-    result = convert(
-        args.src,
-        args.out,
-        args.method,
-        group_size=args.group_size,
-        calibration=args.calibration,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        eval_text=args.eval_text,
-        evaluate=not args.no_eval,
-        quiet=args.quiet or args.json,
-    )
+    # Libraries (gptqmodel) print banners on stdout; with --json stdout must hold only the result.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = convert(
+            args.src,
+            args.out,
+            args.method,
+            group_size=args.group_size,
+            calibration=args.calibration,
+            samples=args.samples,
+            seq_len=args.seq_len,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            eval_text=args.eval_text,
+            evaluate=not args.no_eval,
+            quiet=args.quiet or args.json,
+        )
     if args.json:
         print(json.dumps(result.to_dict()))
     elif not args.quiet:
