@@ -326,8 +326,9 @@ def convert(
     source_bytes = sum(p.stat().st_size for p in shards)
     entries = [TensorEntry(n, d, s, 0, _numel(s) * _itemsize(d)) for n, (_, d, s) in flat.items()]
     need = estimate_output_bytes(entries, "int8" if bits == 8 else "nf4")
-    if resolved.weights_format == "pickle":
-        need += source_bytes  # staged safetensors copy
+    if resolved.weights_format == "pickle" or method.startswith("gptq"):
+        # a staged safetensors copy of pickle weights; gptqmodel offloads layers to disk as it goes
+        need += source_bytes
     need = int(need * 1.05) + (64 << 20)
     have = free_bytes(out_path.parent)
     if have < need:
