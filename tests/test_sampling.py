@@ -66,3 +66,8 @@ def test_repetition_penalty_matches_hf_processor():
     ours = apply_repetition_penalty(logits.clone(), seen, 1.3)
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits.clone()[None])[0]
     torch.testing.assert_close(ours, theirs)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(100)
+    assert sample(logits, SamplingParams(temperature=1e-38), generator=make_generator(0)) == int(torch.argmax(logits))

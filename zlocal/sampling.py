@@ -46,7 +46,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below ~1e-5 dividing the logits overflows to inf; the distribution is one-hot anyway.
+        return self.temperature < 1e-5
 
     def to_dict(self) -> dict:
         return asdict(self)
