@@ -263,3 +263,25 @@ def test_step_down_order_on_a_gpu_plan():
     cpu_only = [s for s in seen if s.gpu_layers == 0]
     assert cpu_only[-1].max_context == 512 and cpu_only[-1].cpu_format == "int4"
     assert all(s.estimated_vram_bytes <= p.estimated_vram_bytes for s in seen)
+
+
+def test_explicit_dtype_keeps_weights_unquantized_when_they_fit():
+    small = ModelShape(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
+    slow = dataclasses.replace(
+        _tiny_machine(8), cpu=CpuInfo(model="slow", cores=2, threads=2, bandwidth_gbs=1)
+    )
+    kept = make_plan(slow, small, ctx=2048, dtype="float32")
+    assert (kept.weights_format, kept.compute_dtype, kept.quantize_on_load) == ("fp32", "fp32", False)
+    auto = make_plan(slow, small, ctx=2048)  # no dtype asked: a slow machine gets quantized weights
+    assert auto.quantize_on_load and auto.predicted_decode_tok_s > kept.predicted_decode_tok_s
+    assert any("quantized on load" in r for r in auto.reasons)
