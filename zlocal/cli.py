@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zlocal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `zlocal plan ... | head`: the reader left; exit quietly like other Unix tools.
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

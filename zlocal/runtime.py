@@ -336,6 +336,7 @@ def load(
         max_context=loaded.max_context,
         template=template.origin,
         load_seconds=time.perf_counter() - t0,
+        extra={"plan": loaded.plan.to_dict()} if hasattr(loaded.plan, "to_dict") else {},
     )
     return Runtime(loaded.model, tokenizer, template, info, resolved, plan=loaded.plan,
                    sampling_defaults=_generation_defaults(loaded.model))
