@@ -264,12 +264,10 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.buffer:
             return
         name = f"part-{len(self.parts):05d}.safetensors.tmp"
-        save_file(self.buffer, str(self.out_dir / name), metadata={"format": "pt"})
+        write_safetensors(self.out_dir / name, self.buffer, {"format": "pt"})
         self.parts.append((name, list(self.buffer)))
         self.buffer, self.buffered = {}, 0
 
@@ -292,6 +290,32 @@ class ShardWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             names.append("model.safetensors.index.json")
         return names
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file tensor by tensor from the tensors' own memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, doubling the
+    memory of the shard being written; writing the header and then each tensor's buffer avoids it.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def iter_source(
