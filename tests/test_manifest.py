@@ -61,7 +61,7 @@ def test_verify_rejects_path_in_manifest(copy):
 
 
 def test_missing_or_broken_manifest(tmp_path, copy):
-    with pytest.raises(VerificationError, match="no zlocal.json"):
+    with pytest.raises(VerificationError, match=r"no zlocal\.json"):
         verify(tmp_path)
     (copy / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(VerificationError, match="unreadable"):

@@ -31,7 +31,8 @@ def noisy(tiny_zephyr, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     with safe_open(str(dest / "model.safetensors"), "pt") as st:
         sd = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
-    sd = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in sd.items()}
+    noise = {k: 0.5 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items() if v.ndim == 2}
+    sd = {k: v + noise[k] if k in noise else v for k, v in sd.items()}
     save_file(sd, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return dest
 
@@ -62,7 +63,8 @@ def test_text_too_short(tiny_zephyr, tmp_path):
 def test_cli_eval_json(tiny_zephyr, capsys):
     from zlocal.cli import main
 
-    assert main(["eval", str(tiny_zephyr), "--reference", str(tiny_zephyr), "--max-tokens", "64", "--json"]) == 0
+    args = ["eval", str(tiny_zephyr), "--reference", str(tiny_zephyr), "--max-tokens", "64", "--json"]
+    assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["top1_agreement"] == 1.0 and out["tokens"] == 63
 
