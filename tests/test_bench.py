@@ -1,0 +1,74 @@
+"""zlocal bench: the command reports sane JSON and the multi-turn measurement counts tokens right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zlocal import cli
+from zlocal.bench import conversation, measure_multiturn, run_bench, synthetic_prompt
+from zlocal.engine import common_prefix
+from zlocal.errors import InvalidArgumentError
+
+
+def test_bench_command_json(tiny_zephyr, capsys):
+    rc = cli.main([
+        "bench", str(tiny_zephyr), "--plan", "int8", "--prompt-tokens", "40", "--new-tokens", "6",
+        "--repeats", "1", "--conversation-tokens", "240", "--threads", "2", "--json",
+    ])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["plan"]["cpu_format"] == "int8" and r["plan"]["gpu_layers"] == 0
+    assert r["prompt_tokens"] == 40 and r["new_tokens"] == 6
+    assert r["runs"][0]["generated"] == 6  # stop tokens are ignored while measuring
+    for key in ("prefill_tok_s", "decode_tok_s", "time_to_first_token_s", "load_seconds"):
+        assert r[key] > 0, key
+    assert r["peak_rss_bytes"] > 50 * 2**20
+    assert r["peak_vram_bytes"] is None  # CPU run
+    assert len(r["loadavg_before"]) == 3 and r["torch_threads"] == 2
+    m = r["multiturn"]
+    assert m["turns"] == 5
+    assert m["prefilled_tokens_full"] == m["conversation_tokens"]
+    assert m["reused_tokens"] + m["prefilled_tokens_reuse"] == m["conversation_tokens"]
+    assert m["speedup"] == pytest.approx(m["ttft_full_s"] / m["ttft_reuse_s"], rel=0.02)
+
+
+def test_bench_command_rejects_bad_numbers(tiny_zephyr, capsys):
+    rc = cli.main(["bench", str(tiny_zephyr), "--new-tokens", "1"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "--new-tokens" in err and "Traceback" not in err
+
+
+def test_synthetic_prompt_length(tiny_runtime):
+    assert len(synthetic_prompt(tiny_runtime, 123)) == 123
+    with pytest.raises(InvalidArgumentError):
+        synthetic_prompt(tiny_runtime, 0)
+
+
+def test_multiturn_counts_reused_and_prefilled_tokens(tiny_runtime):
+    rt = tiny_runtime
+    msgs = conversation(5, 300, rt)
+    prompts = [rt.encode_chat(msgs[: 2 * k + 1]) for k in range(5)]
+    # Each turn's prompt extends the previous one, so turn 5 reuses all of turn 4's prompt.
+    assert common_prefix(prompts[3], prompts[4]) == len(prompts[3])
+    m = measure_multiturn(rt, turns=5, target_tokens=300, repeats=1)
+    assert m.conversation_tokens == len(prompts[4])
+    assert m.reused_tokens == len(prompts[3])
+    assert m.prefilled_tokens_reuse == len(prompts[4]) - len(prompts[3])
+    assert m.prefilled_tokens_full == len(prompts[4])
+    assert rt.engine.stats.last_reused == 0  # the last measured call started from an empty cache
+
+
+def test_multiturn_too_long_for_context(tiny_runtime):
+    with pytest.raises(InvalidArgumentError, match="context"):
+        measure_multiturn(tiny_runtime, turns=5, target_tokens=5000, repeats=1)
+
+
+def test_run_bench_restores_stop_tokens(tiny_runtime):
+    stops = tiny_runtime.engine.stop_token_ids
+    r = run_bench(tiny_runtime, prompt_tokens=20, new_tokens=4, repeats=1, multiturn=False)
+    assert tiny_runtime.engine.stop_token_ids == stops
+    assert r.multiturn is None and r.runs[0]["generated"] == 4
+    assert r.decode_tok_s > 0
