@@ -12,12 +12,17 @@ from .errors import InvalidArgumentError
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. temperature 0 means greedy (argmax), like ``do_sample=False``."""
+    """How to pick tokens. temperature 0 means greedy (argmax), like ``do_sample=False``.
 
+    Defaults (temperature 0.7, top-k 40, top-p 0.95, min-p 0.05) apply where the model's
+    generation_config sets nothing; explicit arguments override both.
+    """
+
+    # llama.cpp-like defaults: truncating the tail keeps small models (SmolLM2) on topic.
     temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
     repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     seed: int | None = None
