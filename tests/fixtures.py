@@ -85,8 +85,9 @@ def tokenizer_dir() -> Path:
     return _atomic_build(FIXTURES / f"mistral-tokenizer-{FIXTURE_VERSION}", build_tokenizer)
 
 
-def build_tiny_mistral(dest: Path, seed: int = 0, chat_template: str | None = "zephyr", dtype=torch.float32,
-                       **overrides) -> None:
+def build_tiny_mistral(
+    dest: Path, seed: int = 0, chat_template: str | None = "zephyr", dtype=torch.float32, **overrides
+) -> None:
     """A random tiny MistralForCausalLM saved as safetensors with the real tokenizer."""
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -106,7 +107,8 @@ def tiny_zephyr_dir() -> Path:
 def tiny_zephyr_no_template_dir() -> Path:
     """Same model without a chat template: zlocal must fall back to the built-in Zephyr one."""
     return _atomic_build(
-        FIXTURES / f"tiny-zephyr-notemplate-{FIXTURE_VERSION}", lambda d: build_tiny_mistral(d, chat_template=None)
+        FIXTURES / f"tiny-zephyr-notemplate-{FIXTURE_VERSION}",
+        lambda d: build_tiny_mistral(d, chat_template=None),
     )
 
 

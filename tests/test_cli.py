@@ -13,22 +13,40 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def zlocal(*args, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "zlocal", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(  # noqa: PLW1510 - the tests read returncode themselves
+        [sys.executable, "-m", "zlocal", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 def test_readme_first_command_path(smollm2):
     """`zlocal chat --prompt ...` on the embedded default model streams a real answer."""
-    r = zlocal("chat", "--prompt", "What is the capital of France?", "--temperature", "0",
-               "--max-new-tokens", "24")
+    r = zlocal(
+        "chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24"
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "Traceback" not in r.stderr
 
 
 def test_generate_json(tiny_zephyr):
-    r = zlocal("generate", str(tiny_zephyr), "--prompt", "Hello", "--json", "--temperature", "0",
-               "--max-new-tokens", "5", "--dtype", "float32")
+    r = zlocal(
+        "generate",
+        str(tiny_zephyr),
+        "--prompt",
+        "Hello",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--dtype",
+        "float32",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["completion_tokens"] == len(out["token_ids"]) <= 5
@@ -39,8 +57,18 @@ def test_generate_json(tiny_zephyr):
 
 def test_repl_commands(tiny_zephyr):
     script = "Hello there\n/system Talk like a pirate\nAhoy\n/reset\n/bogus\nBye\n/exit\nnot reached\n"
-    r = zlocal("chat", str(tiny_zephyr), "--temperature", "0", "--max-new-tokens", "4", "--dtype", "float32",
-               "--stats", stdin=script)
+    r = zlocal(
+        "chat",
+        str(tiny_zephyr),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--stats",
+        stdin=script,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("generated") == 3  # three replies, then /exit stops before "not reached"
     assert "system prompt set" in r.stderr and "conversation reset" in r.stderr

@@ -25,7 +25,7 @@ def hf_greedy(model, ids, n):
             out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     finally:
         model.generation_config.eos_token_id = saved
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def ours_greedy(rt, ids, n, chunk=None):
@@ -64,8 +64,9 @@ def test_greedy_matches_hf_generate_smollm2(smollm2_runtime):
 
 
 def test_stops_on_end_of_turn_and_reports_stop(smollm2_runtime):
-    c = smollm2_runtime.chat_completion([{"role": "user", "content": "Say hi."}], temperature=0,
-                                        max_new_tokens=200)
+    c = smollm2_runtime.chat_completion(
+        [{"role": "user", "content": "Say hi."}], temperature=0, max_new_tokens=200
+    )
     assert c.finish_reason == "stop"
     assert c.completion_tokens < 200
     assert "<|im_end|>" not in c.text and c.text.strip()
@@ -106,8 +107,9 @@ def test_cancel_from_another_thread_within_one_token(smollm2_runtime):
     rt = smollm2_runtime
     cancel = threading.Event()
     seen_after_cancel = []
-    stream = rt.stream_tokens(rt.encode("Tell me a long story"), temperature=0, max_new_tokens=500,
-                              cancel=cancel)
+    stream = rt.stream_tokens(
+        rt.encode("Tell me a long story"), temperature=0, max_new_tokens=500, cancel=cancel
+    )
     last = None
     for r in stream:
         if r.generation_tokens == 3 and not cancel.is_set():
@@ -158,8 +160,12 @@ def test_waiting_caller_runs_after_the_first(tiny_runtime):
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 3
-    assert sorted(map(tuple, results)).count(tuple(tiny_runtime.generate(
-        "Hey", temperature=1.0, seed=1, max_new_tokens=8).token_ids)) == 2
+    assert (
+        sorted(map(tuple, results)).count(
+            tuple(tiny_runtime.generate("Hey", temperature=1.0, seed=1, max_new_tokens=8).token_ids)
+        )
+        == 2
+    )
 
 
 def test_prefix_reuse_prefills_only_new_tokens(tiny_runtime):

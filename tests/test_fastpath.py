@@ -27,9 +27,11 @@ def test_fast_path_is_active_for_llama_and_mistral(tiny_runtime, smollm2_runtime
 
 def test_fast_equals_hf_forward_tiny_beyond_window(tiny_runtime):
     rt = tiny_runtime
-    ids = rt.encode("The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
-                    "checking the lamp, the lens and the clockwork that turned them, and writing the weather "
-                    "into a logbook that nobody but the supply boat captain would ever read.")
+    ids = rt.encode(
+        "The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
+        "checking the lamp, the lens and the clockwork that turned them, and writing the weather "
+        "into a logbook that nobody but the supply boat captain would ever read."
+    )
     assert len(ids) > rt.model.config.sliding_window
     assert _greedy(rt, ids, 40, fast=True) == _greedy(rt, ids, 40, fast=False)
     rt.engine.prefill_chunk = 7  # chunked prefill crossing the window inside chunks
@@ -77,9 +79,9 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
         e.reset()
         a = rt.encode("Hello world, how are you?")
         rt.generate(a, temperature=0, max_new_tokens=3)
-        warm = rt.generate(a + [28705, 13], temperature=0, max_new_tokens=5).token_ids
+        warm = rt.generate([*a, 28705, 13], temperature=0, max_new_tokens=5).token_ids
         assert e.stats.last_reused == len(a)
         e.reset()
-        assert rt.generate(a + [28705, 13], temperature=0, max_new_tokens=5).token_ids == warm
+        assert rt.generate([*a, 28705, 13], temperature=0, max_new_tokens=5).token_ids == warm
     finally:
         e.fast = saved

@@ -91,10 +91,10 @@ def test_missing_config_and_broken_config(tmp_path, tiny_zephyr):
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_zephyr, d)
     (d / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         resolve_model(str(d))
     (d / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         resolve_model(str(d))
 
 

@@ -11,9 +11,18 @@ from zlocal.sampling import SamplingParams, apply_repetition_penalty, make_gener
 
 @pytest.mark.parametrize(
     "kw",
-    [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 1}, {"top_k": -2},
-     {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"temperature": float("nan")}, {"stop": [1]},
-     {"seed": "x"}],
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"min_p": 1},
+        {"top_k": -2},
+        {"max_new_tokens": 0},
+        {"repetition_penalty": 0},
+        {"temperature": float("nan")},
+        {"stop": [1]},
+        {"seed": "x"},
+    ],
 )
 def test_invalid_params_raise(kw):
     with pytest.raises(InvalidArgumentError):
@@ -70,4 +79,6 @@ def test_repetition_penalty_matches_hf_processor():
 
 def test_tiny_temperature_is_greedy_not_nan():
     logits = torch.randn(100)
-    assert sample(logits, SamplingParams(temperature=1e-38), generator=make_generator(0)) == int(torch.argmax(logits))
+    assert sample(logits, SamplingParams(temperature=1e-38), generator=make_generator(0)) == int(
+        torch.argmax(logits)
+    )

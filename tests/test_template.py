@@ -26,7 +26,7 @@ def test_real_mistral_tokenizer_ids(mistral_tokenizer):
 
 
 def test_zephyr_rendering_is_exact(tiny_zephyr):
-    _, _, tok, tpl = load_chat_template(str(tiny_zephyr))
+    _, _, _tok, tpl = load_chat_template(str(tiny_zephyr))
     assert tpl.origin == "checkpoint"
     assert tpl.render(PIRATE) == PIRATE_PROMPT
 
@@ -71,7 +71,9 @@ def test_template_without_end_of_turn_token_is_rejected(mistral_tokenizer, tmp_p
 
 def test_template_is_sandboxed(mistral_tokenizer, tmp_path):
     evil = tmp_path / "evil.jinja"
-    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    evil.write_text(
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
     with pytest.raises(TemplateError):
         build_template(mistral_tokenizer, "x", None, [2], override=evil)
 

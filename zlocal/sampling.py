@@ -41,7 +41,11 @@ class SamplingParams:
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
-            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "an integer > 0"),
+            (
+                "max_new_tokens",
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+                "an integer > 0",
+            ),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) for s in self.stop), "a string or list of strings"),
         ]

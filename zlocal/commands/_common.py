@@ -11,8 +11,12 @@ from ..resolve import DEFAULT_MODEL
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
     """MODEL plus the loading flags (dtype, device, context, template, pickle opt-in, download)."""
     if model_optional:
-        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                       help=f"checkpoint dir, HF repo id in the local cache, or alias (default: {DEFAULT_MODEL})")
+        p.add_argument(
+            "model",
+            nargs="?",
+            default=DEFAULT_MODEL,
+            help=f"checkpoint dir, HF repo id in the local cache, or alias (default: {DEFAULT_MODEL})",
+        )
     else:
         p.add_argument("model", help="checkpoint dir, HF repo id in the local cache, or alias")
     p.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32 (default: auto)")
@@ -20,8 +24,11 @@ def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> N
     p.add_argument("--plan", default="auto", help="'auto', or a plan JSON written by `zlocal plan --json`")
     p.add_argument("--max-context", type=int, default=None, help="KV cache size in tokens")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja file overriding the template")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pickle .bin weights (loaded with weights_only=True)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle .bin weights (loaded with weights_only=True)",
+    )
     p.add_argument("--download", action="store_true", help="download a repo id missing from the HF cache")
 
 
@@ -74,7 +81,8 @@ def check_sampling(args: argparse.Namespace) -> None:
 def print_stats(resp, out=sys.stderr) -> None:
     """One line of counts and speeds after a generation."""
     print(
-        f"[{resp.prompt_tokens} prompt tokens ({resp.reused_tokens} reused), {resp.generation_tokens} generated, "
+        f"[{resp.prompt_tokens} prompt tokens ({resp.reused_tokens} reused), "
+        f"{resp.generation_tokens} generated, "
         f"prefill {resp.prompt_tps:.1f} tok/s, decode {resp.generation_tps:.1f} tok/s, "
         f"finish: {resp.finish_reason}]",
         file=out,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_model_args, add_sampling_args, check_sampling, load_runtime, print_stats, sampling_kwargs
+from ._common import (
+    add_model_args,
+    add_sampling_args,
+    check_sampling,
+    load_runtime,
+    print_stats,
+    sampling_kwargs,
+)
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -63,8 +70,11 @@ def run(args) -> int:
             session.reset()
             print("[conversation reset]", file=sys.stderr)
         elif text.startswith("/system"):
-            session.set_system(text[len("/system"):].strip())
-            print(f"[system prompt {'set' if session.system else 'cleared'}; conversation reset]", file=sys.stderr)
+            session.set_system(text[len("/system") :].strip())
+            print(
+                f"[system prompt {'set' if session.system else 'cleared'}; conversation reset]",
+                file=sys.stderr,
+            )
         elif text.startswith("/help"):
             print(HELP, file=sys.stderr)
         elif text.startswith("/"):

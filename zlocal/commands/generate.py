@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import add_model_args, add_sampling_args, check_sampling, load_runtime, print_stats, sampling_kwargs
+from ._common import (
+    add_model_args,
+    add_sampling_args,
+    check_sampling,
+    load_runtime,
+    print_stats,
+    sampling_kwargs,
+)
 
 
 def register(sub) -> None:
@@ -32,8 +39,13 @@ def run(args) -> int:
     if args.json:
         c = rt._collect(rt.stream_tokens(ids, **sampling))
         out = c.to_dict()
-        out.update(model=rt.info.model, device=rt.info.device, dtype=rt.info.dtype,
-                   load_seconds=round(rt.info.load_seconds, 3), prompt_token_ids=ids)
+        out.update(
+            model=rt.info.model,
+            device=rt.info.device,
+            dtype=rt.info.dtype,
+            load_seconds=round(rt.info.load_seconds, 3),
+            prompt_token_ids=ids,
+        )
         print(json.dumps(out, ensure_ascii=False))
         return 0
     last = None

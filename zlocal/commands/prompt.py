@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     messages = load_messages_file(args.messages)
-    _, _, tokenizer, template = load_chat_template(
+    _, _, _tokenizer, template = load_chat_template(
         args.model, chat_template=args.chat_template, allow_pickle=args.allow_pickle, download=args.download
     )
     text = template.render(messages, add_generation_prompt=not args.no_generation_prompt)
