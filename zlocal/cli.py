@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 
@@ -53,6 +54,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zlocal`` console script."""
+    # torchao (pulled in by gptqmodel) trips torch deprecation warnings when transformers imports it.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
