@@ -85,3 +85,27 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
         assert rt.generate([*a, 28705, 13], temperature=0, max_new_tokens=5).token_ids == warm
     finally:
         e.fast = saved
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt):
+    from zlocal.bench import cpu_plan
+    from zlocal.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    plan = cpu_plan(str(tiny_zephyr), fmt, dtype="float32", max_context=256)
+    rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype="float32", max_context=256)
+    kind = Int8WeightOnlyLinear if fmt == "int8" else Int4WeightOnlyLinear
+    qkv, gate_up = rt.engine.fast.layers[0][2], rt.engine.fast.layers[0][7]
+    assert type(qkv) is kind and type(gate_up) is kind  # one kernel call for q/k/v and for gate/up
+    attn = rt.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == qkv.weight.data_ptr()  # views, not copies
+    ids = rt.encode("The lighthouse keeper climbed the spiral stairs every evening and")
+    e = rt.engine
+    e.reset()
+    fast_logits = e.prefill(ids)
+    fast, e.fast = e.fast, None
+    e.reset()
+    hf_logits = e.prefill(ids)
+    e.fast = fast
+    assert torch.equal(fast_logits, hf_logits)
+    assert _greedy(rt, ids, 30, fast=True) == _greedy(rt, ids, 30, fast=False)

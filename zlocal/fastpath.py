@@ -51,6 +51,9 @@ def _projection(linears: list):
     if not all(_plain(lin) for lin in linears):
         if len(linears) == 1:
             return linears[0]
+        fused_q = _fuse_quantized(linears)
+        if fused_q is not None:
+            return fused_q
         return lambda x: torch.cat([lin(x) for lin in linears], dim=-1)
     if len(linears) == 1:
         weight = linears[0].weight
@@ -62,6 +65,44 @@ def _projection(linears: list):
         lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
         start += n
     return lambda x: F.linear(x, fused)
+
+
+def _fuse_quantized(linears: list):
+    """One zlocal CPU int8/int4 module for several with the same input (q/k/v, gate/up), or None.
+
+    Both kernels compute each output channel from its own rows of the packed weight (and its own
+    scales), so concatenating along the output dimension gives bit-identical results with one
+    kernel call instead of several. The originals are re-pointed at views of the fused weight, so
+    memory is not doubled; their small scale tensors stay separate copies.
+    """
+    from .cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    first = linears[0]
+    kind = type(first)
+    if kind not in (Int8WeightOnlyLinear, Int4WeightOnlyLinear):
+        return None
+    for lin in linears:
+        if type(lin) is not kind or lin.bias is not None or lin.dtype != first.dtype:
+            return None
+        same_groups = getattr(lin, "group_size", 0) == getattr(first, "group_size", 0)
+        if lin.in_features != first.in_features or not same_groups:
+            return None
+        if lin.weight.device.type != "cpu":
+            return None
+    out_f = sum(lin.out_features for lin in linears)
+    if kind is Int8WeightOnlyLinear:
+        fused = Int8WeightOnlyLinear(first.in_features, out_f, False, first.dtype)
+        fused.scales = torch.cat([lin.scales for lin in linears])
+    else:
+        fused = Int4WeightOnlyLinear(first.in_features, out_f, False, first.dtype, first.group_size)
+        fused.scales_and_zeros = torch.cat([lin.scales_and_zeros for lin in linears], dim=1).contiguous()
+    fused.weight = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = fused.weight[start : start + n]
+        start += n
+    return fused
 
 
 class FastForward:
