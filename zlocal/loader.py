@@ -309,6 +309,10 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
     if lp.source_quantized:
         device = lp.gpu_device or "cpu"
         loaded = load_model(resolved, dtype=dtype, device=device, device_map={"": device})
+        if device == "cpu":
+            swapped = swap_bnb_int8_for_cpu(loaded.model, dtype)
+            if swapped:
+                lp.reasons.append(f"bitsandbytes int8 layers ({swapped}) run on the fused CPU int8 kernel")
     elif lp.gpu_format in dense and lp.cpu_format in dense and (lp.gpu_layers in (0, n)):
         loaded = load_model(resolved, dtype=dtype, device=lp.gpu_device or "cpu")
     elif resolved.weights_format != "safetensors":
@@ -331,6 +335,32 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded
+
+
+def swap_bnb_int8_for_cpu(model, dtype: torch.dtype) -> int:
+    """Replace bitsandbytes ``Linear8bitLt`` modules by zlocal's CPU int8 kernel; returns the count.
+
+    bitsandbytes stores the int8 codes and per-row absmax (SCB), so ``w = codes * SCB / 127`` exactly:
+    the swap changes no weight, only the kernel (bitsandbytes' CPU int8 path is ~80x slower and also
+    quantizes activations).
+    """
+    from .cpu_quant import Int8WeightOnlyLinear
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Linear8bitLt" or getattr(module.weight, "SCB", None) is None:
+            continue
+        codes = module.weight.data
+        if codes.dtype != torch.int8:
+            continue
+        new = Int8WeightOnlyLinear(module.in_features, module.out_features, module.bias is not None, dtype)
+        new.weight = codes.contiguous()
+        new.scales = (module.weight.SCB.float() / 127.0).to(dtype)
+        if module.bias is not None:
+            new.bias = module.bias.data.to(dtype)
+        _replace(model, name, new)
+        count += 1
+    return count
 
 
 def layer_device_map(lp, config) -> dict[str, str]:
