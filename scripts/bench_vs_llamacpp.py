@@ -54,8 +54,20 @@ def llama_cpp_source(dest: Path) -> Path:
     if (root / "convert_hf_to_gguf.py").is_file():
         return root
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-         "--index-url", "https://pypi.org/simple", f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dest),
+            "--index-url",
+            "https://pypi.org/simple",
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        ],
         check=True,
     )
     with tarfile.open(dest / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as tar:
@@ -71,10 +83,20 @@ def build_mistral(layers: int, tokenizer_dir: Path) -> Path:
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
@@ -96,9 +118,17 @@ def gguf_files(model_dir: Path, name: str, src: Path) -> dict[str, Path]:
     if not f16.exists():
         tmp = f16.with_suffix(".tmp")
         subprocess.run(
-            [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16",
-             "--outfile", str(tmp)],
-            check=True, env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
+            [
+                sys.executable,
+                str(src / "convert_hf_to_gguf.py"),
+                str(model_dir),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(tmp),
+            ],
+            check=True,
+            env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
         )
         tmp.rename(f16)
     out = {}
@@ -112,8 +142,12 @@ def gguf_files(model_dir: Path, name: str, src: Path) -> dict[str, Path]:
                 f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{qtype}; p.nthread = 2\n"
                 "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
             )
-            subprocess.run([sys.executable, "-c", code, str(f16), str(tmp)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, "-c", code, str(f16), str(tmp)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             tmp.rename(q)
         out[qtype] = q
     return out
@@ -159,8 +193,15 @@ class LlamaCppSide:
         import llama_cpp
 
         t0 = time.perf_counter()
-        self.m = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                                 n_ctx=n_ctx, n_batch=512, n_ubatch=512, verbose=False)
+        self.m = llama_cpp.Llama(
+            model_path=str(path),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_ubatch=512,
+            verbose=False,
+        )
         self.load_seconds = time.perf_counter() - t0
         self.n_vocab = self.m.n_vocab()
 
@@ -181,15 +222,23 @@ class LlamaCppSide:
             m.eval([tok])
             tok = self._argmax()
         t_decode = time.perf_counter() - t1
-        return {"prefill_tok_s": len(ids) / t_prefill, "decode_tok_s": (new_tokens - 1) / t_decode,
-                "ttft_s": t_prefill}
+        return {
+            "prefill_tok_s": len(ids) / t_prefill,
+            "decode_tok_s": (new_tokens - 1) / t_decode,
+            "ttft_s": t_prefill,
+        }
 
 
 def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> dict:
     """Interleaved runs of zlocal (``fmt``) and llama.cpp (``gguf``) on the same prompt ids."""
     n_ctx = args.prompt_tokens + args.new_tokens + 8
-    plan = cpu_plan(str(model_dir), fmt, dtype="bfloat16", max_context=n_ctx,
-                    group_size=INT4_GROUP if fmt == "int4" else None)
+    plan = cpu_plan(
+        str(model_dir),
+        fmt,
+        dtype="bfloat16",
+        max_context=n_ctx,
+        group_size=INT4_GROUP if fmt == "int4" else None,
+    )
     t0 = time.perf_counter()
     rt = zlocal.load(str(model_dir), plan=plan, dtype="bfloat16", max_context=n_ctx)
     z_load = time.perf_counter() - t0
@@ -210,14 +259,25 @@ def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> di
 
     zb, cb = zlocal_bytes_per_token(rt), gguf_bytes_per_token(gguf)
     res = {
-        "zlocal": {"format": fmt, "group_size": plan.group_size if fmt == "int4" else None,
-                   "prefill_tok_s": med(z, "prefill_tok_s"), "decode_tok_s": med(z, "decode_tok_s"),
-                   "ttft_s": med(z, "ttft_s"), "load_seconds": round(z_load, 2),
-                   "weight_bytes_per_token": zb, "bandwidth_bound_tok_s": round(bw_gbs * 1e9 / zb, 2)},
-        "llama_cpp": {"format": gguf.name, "prefill_tok_s": med(c, "prefill_tok_s"),
-                      "decode_tok_s": med(c, "decode_tok_s"), "ttft_s": med(c, "ttft_s"),
-                      "load_seconds": round(ll.load_seconds, 2), "weight_bytes_per_token": cb,
-                      "bandwidth_bound_tok_s": round(bw_gbs * 1e9 / cb, 2)},
+        "zlocal": {
+            "format": fmt,
+            "group_size": plan.group_size if fmt == "int4" else None,
+            "prefill_tok_s": med(z, "prefill_tok_s"),
+            "decode_tok_s": med(z, "decode_tok_s"),
+            "ttft_s": med(z, "ttft_s"),
+            "load_seconds": round(z_load, 2),
+            "weight_bytes_per_token": zb,
+            "bandwidth_bound_tok_s": round(bw_gbs * 1e9 / zb, 2),
+        },
+        "llama_cpp": {
+            "format": gguf.name,
+            "prefill_tok_s": med(c, "prefill_tok_s"),
+            "decode_tok_s": med(c, "decode_tok_s"),
+            "ttft_s": med(c, "ttft_s"),
+            "load_seconds": round(ll.load_seconds, 2),
+            "weight_bytes_per_token": cb,
+            "bandwidth_bound_tok_s": round(bw_gbs * 1e9 / cb, 2),
+        },
         "loadavg_1min": loads,
         "runs": {"zlocal": z, "llama_cpp": c},
     }
@@ -240,9 +300,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / ".fixtures"
-                                                  / "mistral-tokenizer-v1"),
-                    help="Mistral tokenizer dir for the random model (built by the test fixtures)")
+    ap.add_argument(
+        "--tokenizer",
+        default=str(Path(__file__).resolve().parents[1] / ".fixtures" / "mistral-tokenizer-v1"),
+        help="Mistral tokenizer dir for the random model (built by the test fixtures)",
+    )
     ap.add_argument("--out", default="bench-results/vs_llamacpp.json")
     args = ap.parse_args()
     src = llama_cpp_source(bench_dir() / "llama-cpp-src")
@@ -251,9 +313,14 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     bw = max(measure_cpu_bandwidth(512) for _ in range(2))
     torch.set_num_threads(args.threads)
-    result = {"machine": {**machine_info(), "read_bandwidth_gbs": bw, "threads": args.threads},
-              "loadavg_start": loadavg(), "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "models": {}}
+    result = {
+        "machine": {**machine_info(), "read_bandwidth_gbs": bw, "threads": args.threads},
+        "loadavg_start": loadavg(),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "models": {},
+    }
     for name in args.models.split(","):
         if name == "smollm2":
             from zlocal.resolve import resolve_model
@@ -270,8 +337,12 @@ def main() -> None:
             fmt, qtype = PAIRS[bits]
             print(f"[{key}] zlocal {fmt} vs llama.cpp {qtype} ...", file=sys.stderr, flush=True)
             entry[f"{bits}bit"] = r = bench_pair(model_dir, ggufs[qtype], fmt, args, bw)
-            print(f"  decode {r['zlocal']['decode_tok_s']} vs {r['llama_cpp']['decode_tok_s']} tok/s "
-                  f"({r['decode_ratio']}x), prefill {r['prefill_ratio']}x", file=sys.stderr, flush=True)
+            print(
+                f"  decode {r['zlocal']['decode_tok_s']} vs {r['llama_cpp']['decode_tok_s']} tok/s "
+                f"({r['decode_ratio']}x), prefill {r['prefill_ratio']}x",
+                file=sys.stderr,
+                flush=True,
+            )
     result["loadavg_end"] = loadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +351,11 @@ def main() -> None:
     for key, entry in result["models"].items():
         for bits, r in entry.items():
             z, c = r["zlocal"], r["llama_cpp"]
-            print(f"{key} {bits}: zlocal {z['decode_tok_s']} / llama.cpp {c['decode_tok_s']} tok/s decode "
-                  f"({r['decode_ratio']}x), prefill {z['prefill_tok_s']} / {c['prefill_tok_s']} "
-                  f"({r['prefill_ratio']}x)")
+            print(
+                f"{key} {bits}: zlocal {z['decode_tok_s']} / llama.cpp {c['decode_tok_s']} tok/s decode "
+                f"({r['decode_ratio']}x), prefill {z['prefill_tok_s']} / {c['prefill_tok_s']} "
+                f"({r['prefill_ratio']}x)"
+            )
 
 
 if __name__ == "__main__":

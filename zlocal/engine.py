@@ -99,7 +99,8 @@ class Engine:
         if prompt_len + max_new_tokens > self.max_context:
             raise ContextOverflowError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                f"{self.max_context} tokens; shorten the prompt, lower max_new_tokens or load with a larger context"
+                f"{self.max_context} tokens; shorten the prompt, lower max_new_tokens "
+                "or load with a larger context"
             )
 
     @torch.inference_mode()
@@ -108,7 +109,9 @@ class Engine:
             logits = self.fast(list(ids))
         else:
             input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.input_device)
-            logits = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = self.model(
+                input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1
+            ).logits[0, -1]
         self.cached_ids.extend(int(i) for i in ids)
         return logits
 

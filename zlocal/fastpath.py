@@ -179,7 +179,9 @@ class FastForward:
             mask = k_pos <= q_pos
             if self.window:
                 mask = mask & (k_pos > q_pos - self.window)
-        for i, (w_in, eps_in, qkv_proj, o_proj, scale, w_post, eps_post, gate_up, down) in enumerate(self.layers):
+        for i, (w_in, eps_in, qkv_proj, o_proj, scale, w_post, eps_post, gate_up, down) in enumerate(
+            self.layers
+        ):
             x = self._rms(h, w_in, eps_in)
             qkv = qkv_proj(x).view(1, t, nq + 2 * nkv, d)
             qk = self._rope(qkv[:, :, : nq + nkv], cos, sin)
@@ -197,10 +199,13 @@ class FastForward:
             if mask is None:
                 o = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
             elif packed:
-                o = F.scaled_dot_product_attention(q.reshape(1, nkv, self.group, d), keys, values,
-                                                   attn_mask=mask, scale=scale)
+                o = F.scaled_dot_product_attention(
+                    q.reshape(1, nkv, self.group, d), keys, values, attn_mask=mask, scale=scale
+                )
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+                )
             h = h + o_proj(o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d))
             x = self._rms(h, w_post, eps_post)
             gate, up = gate_up(x).chunk(2, dim=-1)
