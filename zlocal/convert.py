@@ -230,14 +230,18 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _copy_aux_files(src: Path, dst: Path) -> None:
-    """Tokenizer, chat template, generation config and other small files; never weights."""
+def _copy_aux_files(src: Path, dst: Path, *, keep_existing: bool = False) -> None:
+    """Tokenizer, chat template, generation config and other small files; never weights.
+
+    ``keep_existing``: after a library save, only add the files the library did not write itself.
+    """
     for p in src.iterdir():
         if (
             p.is_file()
             and p.suffix not in _WEIGHT_SUFFIXES
             and p.name not in _SKIP_FILES
             and not p.name.startswith(".")
+            and not (keep_existing and (dst / p.name).exists())
         ):
             shutil.copy2(p, dst / p.name)
 
@@ -371,7 +375,7 @@ def convert(
                 quiet=quiet,
                 allow_pickle=resolved.weights_format == "pickle",
             )
-            _copy_aux_files_missing(src_path, tmp)
+            _copy_aux_files(src_path, tmp, keep_existing=True)
         (tmp / ".pid").unlink()
         quality = None
         if evaluate:
@@ -428,19 +432,6 @@ def convert(
         files=sorted(m.files),
         quality=quality,
     )
-
-
-def _copy_aux_files_missing(src: Path, dst: Path) -> None:
-    """After a library save: add tokenizer/template files the library did not write itself."""
-    for p in src.iterdir():
-        if (
-            p.is_file()
-            and p.suffix not in _WEIGHT_SUFFIXES
-            and p.name not in _SKIP_FILES
-            and not p.name.startswith(".")
-            and not (dst / p.name).exists()
-        ):
-            shutil.copy2(p, dst / p.name)
 
 
 def _install(tmp: Path, out: Path) -> None:
