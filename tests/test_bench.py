@@ -51,12 +51,14 @@ def test_multiturn_counts_reused_and_prefilled_tokens(tiny_runtime):
     rt = tiny_runtime
     msgs = conversation(5, 300, rt)
     prompts = [rt.encode_chat(msgs[: 2 * k + 1]) for k in range(5)]
-    # Each turn's prompt extends the previous one, so turn 5 reuses all of turn 4's prompt.
-    assert common_prefix(prompts[3], prompts[4]) == len(prompts[3])
+    # After turn 4 the cache holds its prompt plus the assistant's reply, as a session's would.
+    turn4 = rt.template.encode(msgs[:8], add_generation_prompt=False)
+    shared = common_prefix(turn4, prompts[4])
+    assert shared > len(prompts[3])  # the reply itself is reused, not prefilled again
     m = measure_multiturn(rt, turns=5, target_tokens=300, repeats=1)
     assert m.conversation_tokens == len(prompts[4])
-    assert m.reused_tokens == len(prompts[3])
-    assert m.prefilled_tokens_reuse == len(prompts[4]) - len(prompts[3])
+    assert m.reused_tokens == shared
+    assert m.prefilled_tokens_reuse == len(prompts[4]) - shared
     assert m.prefilled_tokens_full == len(prompts[4])
     assert rt.engine.stats.last_reused == 0  # the last measured call started from an empty cache
 

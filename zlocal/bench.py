@@ -153,10 +153,13 @@ def conversation(turns: int, target_tokens: int, rt) -> list[dict[str, str]]:
 
 def measure_multiturn(rt, turns: int = 5, target_tokens: int = 2048, repeats: int = 3) -> MultiTurnReport:
     """TTFT of turn ``turns`` after the earlier turns ran on the same engine (prefix reuse) vs on an
-    empty cache (the whole history prefilled). Earlier turns decode one token each; the next turn's
-    prompt extends the previous prompt, so the reuse is the previous prompt's length."""
+    empty cache (the whole history prefilled). Earlier turns leave their prompt and the assistant's reply
+    in the cache, as a chat session does, so turn ``turns`` only prefills the new user message."""
     msgs = conversation(turns, target_tokens, rt)
     prompts = [rt.encode_chat(msgs[: 2 * k + 1]) for k in range(turns)]
+    # What a chat session's cache holds after each earlier turn: its prompt plus the assistant's
+    # reply and end-of-turn token, as if the engine had generated them.
+    history = [rt.template.encode(msgs[: 2 * k + 2], add_generation_prompt=False) for k in range(turns - 1)]
     last = prompts[-1]
     need = len(last) + 1
     if need > rt.max_context:
@@ -170,8 +173,8 @@ def measure_multiturn(rt, turns: int = 5, target_tokens: int = 2048, repeats: in
     with _no_stop(e):
         for _ in range(repeats):
             e.reset()
-            for p in prompts[:-1]:
-                rt.generate(p, temperature=0, max_new_tokens=1)
+            for h in history:
+                rt.generate(h, temperature=0, max_new_tokens=1)
             cached = list(e.cached_ids)
             c = rt.generate(last, temperature=0, max_new_tokens=1)
             reuse_t.append(c.time_to_first_token)
