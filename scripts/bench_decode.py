@@ -28,14 +28,14 @@ PROMPT = (
 
 def _zlocal_run(rt, ids, new_tokens, fast=True):
     e = rt.engine
-    saved_fast, saved_stop = e.fast, e.stop_token_ids
+    saved_fast = e.fast
     e.fast = saved_fast if fast else None
-    e.stop_token_ids = frozenset()  # exactly new_tokens steps on both sides
     try:
         e.reset()
-        c = rt.generate(ids, temperature=0, max_new_tokens=new_tokens)
+        with e.without_stop_tokens():  # exactly new_tokens steps on both sides
+            c = rt.generate(ids, temperature=0, max_new_tokens=new_tokens)
     finally:
-        e.fast, e.stop_token_ids = saved_fast, saved_stop
+        e.fast = saved_fast
     return c.prompt_tps, c.generation_tps, c.token_ids
 
 

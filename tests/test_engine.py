@@ -34,11 +34,9 @@ def ours_greedy(rt, ids, n, chunk=None):
         rt.engine.prefill_chunk = chunk
     try:
         # stop tokens disabled so both sides run exactly n steps
-        saved = rt.engine.stop_token_ids
-        rt.engine.stop_token_ids = frozenset()
-        return rt.generate(ids, temperature=0, max_new_tokens=n, repetition_penalty=1.0).token_ids
+        with rt.engine.without_stop_tokens():
+            return rt.generate(ids, temperature=0, max_new_tokens=n, repetition_penalty=1.0).token_ids
     finally:
-        rt.engine.stop_token_ids = saved
         rt.engine.prefill_chunk = 512
 
 
@@ -126,13 +124,10 @@ def test_cancel_from_another_thread_within_one_token(smollm2_runtime):
 
 def test_runtime_cancel_method(tiny_runtime):
     stream = tiny_runtime.stream_generate("Hello", temperature=0, max_new_tokens=400)
-    tiny_runtime.engine.stop_token_ids, saved = frozenset(), tiny_runtime.engine.stop_token_ids
-    try:
+    with tiny_runtime.engine.without_stop_tokens():
         first = next(stream)
         tiny_runtime.cancel()
         rest = list(stream)
-    finally:
-        tiny_runtime.engine.stop_token_ids = saved
     assert rest[-1].finish_reason == "cancelled"
     assert rest[-1].generation_tokens <= first.generation_tokens + 1
 

@@ -11,14 +11,14 @@ from zlocal.fastpath import unsupported_reason
 
 def _greedy(rt, ids, n, fast):
     e = rt.engine
-    saved_fast, saved_stop = e.fast, e.stop_token_ids
+    saved_fast = e.fast
     e.fast = saved_fast if fast else None
-    e.stop_token_ids = frozenset()
     try:
         e.reset()
-        return rt.generate(ids, temperature=0, max_new_tokens=n).token_ids
+        with e.without_stop_tokens():
+            return rt.generate(ids, temperature=0, max_new_tokens=n).token_ids
     finally:
-        e.fast, e.stop_token_ids = saved_fast, saved_stop
+        e.fast = saved_fast
 
 
 def test_fast_path_is_active_for_llama_and_mistral(tiny_runtime, smollm2_runtime):

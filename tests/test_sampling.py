@@ -59,11 +59,12 @@ def test_min_p_drops_unlikely_tokens():
 def test_same_seed_same_draws_different_seed_differs():
     logits = torch.randn(500)
     p = SamplingParams(temperature=1.0)
-    a = [sample(logits, p, generator=g) for g in [make_generator(7)] for _ in range(20)]
-    g = make_generator(7)
-    b = [sample(logits, p, generator=g) for _ in range(20)]
-    g = make_generator(8)
-    c = [sample(logits, p, generator=g) for _ in range(20)]
+
+    def draws(seed):
+        g = make_generator(seed)
+        return [sample(logits, p, generator=g) for _ in range(20)]
+
+    a, b, c = draws(7), draws(7), draws(8)
     assert a == b and a != c
 
 

@@ -13,7 +13,6 @@ import os
 import platform
 import resource
 import statistics
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,20 +111,10 @@ def synthetic_prompt(rt, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-@contextmanager
-def _no_stop(engine):
-    saved = engine.stop_token_ids
-    engine.stop_token_ids = frozenset()
-    try:
-        yield
-    finally:
-        engine.stop_token_ids = saved
-
-
 def measure_once(rt, ids: list[int], new_tokens: int) -> dict:
     """One cold run (empty cache): prefill + ``new_tokens`` greedy decode steps."""
     rt.engine.reset()
-    with _no_stop(rt.engine):
+    with rt.engine.without_stop_tokens():
         c = rt.generate(ids, temperature=0, max_new_tokens=new_tokens)
     return {
         "prefill_tok_s": c.prompt_tps,
@@ -170,7 +159,7 @@ def measure_multiturn(rt, turns: int = 5, target_tokens: int = 2048, repeats: in
     e = rt.engine
     reuse_t, full_t = [], []
     reused = prefilled_reuse = prefilled_full = 0
-    with _no_stop(e):
+    with e.without_stop_tokens():
         for _ in range(repeats):
             e.reset()
             for h in history:

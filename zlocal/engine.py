@@ -8,6 +8,7 @@ of text, and a last one carrying ``finish_reason``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,16 @@ class Engine:
         self.fast_reason = unsupported_reason(model) if fast else "disabled"
         if self.fast_reason is None:
             self.fast = FastForward(model, self.cache, self.max_context)
+
+    @contextlib.contextmanager
+    def without_stop_tokens(self):
+        """Ignore EOS/end-of-turn tokens inside the block, so runs take exactly max_new_tokens steps
+        (benchmarks and reference comparisons); restored afterwards."""
+        saved, self.stop_token_ids = self.stop_token_ids, frozenset()
+        try:
+            yield self
+        finally:
+            self.stop_token_ids = saved
 
     def reset(self) -> None:
         """Forget the cached prefix (the buffers stay allocated)."""

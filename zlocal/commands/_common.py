@@ -55,10 +55,6 @@ def load_runtime(args: argparse.Namespace):
     """zlocal.load with the CLI's loading flags."""
     from ..runtime import load
 
-    if args.max_context is not None and args.max_context <= 0:
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"--max-context must be > 0, got {args.max_context}")
     return load(
         args.model,
         plan=args.plan,

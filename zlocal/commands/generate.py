@@ -37,7 +37,7 @@ def run(args) -> int:
         ]
         ids = rt.encode_chat(msgs)
     if args.json:
-        c = rt._collect(rt.stream_tokens(ids, **sampling))
+        c = rt.generate(ids, **sampling)
         out = c.to_dict()
         out.update(
             model=rt.info.model,
