@@ -38,14 +38,26 @@ TINY_MISTRAL = dict(
 )
 
 
+# The README's test command installs mistral-common here with --target, outside site-packages: where
+# transformers can import mistral_common it routes every AutoTokenizer through it, and that needs
+# mistral-common's full dependency set (tiktoken, pydantic-extra-types, a numpy<2.4 pin that clashes
+# with gptqmodel's numpy>=2.4.6 on Python 3.11). Only its tokenizer data file is used.
+MISTRAL_COMMON_TARGET = ROOT / ".fixtures" / "pkgs"
+_TOKENIZER_FILE = Path("mistral_common") / "data" / "tokenizer.model.v1"
+
+
 def mistral_tokenizer_model() -> Path:
     """The real Mistral-7B v1 SentencePiece model (same as Zephyr's) from mistral-common."""
-    # Located without importing the package: it is installed --no-deps (its numpy<2.4 pin clashes with
-    # gptqmodel's numpy>=2.4.6 on Python 3.11) and only this data file is used.
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("tests need mistral-common: pip install --no-deps mistral-common")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    local = MISTRAL_COMMON_TARGET / _TOKENIZER_FILE
+    if local.is_file():
+        return local
+    spec = importlib.util.find_spec("mistral_common")  # a full install works too
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).parent / _TOKENIZER_FILE
+    raise RuntimeError(
+        f"tests need mistral-common's tokenizer: pip install --no-deps --target {MISTRAL_COMMON_TARGET} "
+        "mistral-common"
+    )
 
 
 def _atomic_build(dest: Path, build) -> Path:
