@@ -51,11 +51,12 @@ def _projection(linears: list):
     memory is not doubled); quantized modules (zlocal's CPU int8/int4 kernels) are called in turn.
     """
     if not all(_plain(lin) for lin in linears):
+        # Bound ``forward`` methods skip nn.Module.__call__ (hook checks), a few us per call.
         if len(linears) == 1:
-            return linears[0]
+            return linears[0].forward
         fused_q = _fuse_quantized(linears)
         if fused_q is not None:
-            return fused_q
+            return fused_q.forward
         return lambda x: torch.cat([lin(x) for lin in linears], dim=-1)
     if len(linears) == 1:
         return _dense(linears[0].weight)
@@ -165,7 +166,11 @@ class FastForward:
             pos = torch.arange(max_context, device=weight.device)[None]
             probe = torch.zeros(1, 1, dtype=weight.dtype, device=weight.device)
             cos, sin = model.model.rotary_emb(probe, position_ids=pos)
-        self.cos, self.sin = cos[0], sin[0]  # [max_context, head_dim], in the model dtype like HF
+        self.cos = cos[0]  # [max_context, head_dim], in the model dtype like HF
+        # rotate_half(x) * sin == roll(x, d/2) * sin with the first half of sin negated (negation is
+        # exact), so the rotation is one roll instead of two slices, a negation and a cat.
+        half = self.cos.shape[-1] // 2
+        self.sin = torch.cat((-sin[0][:, :half], sin[0][:, half:]), dim=-1)
 
     @staticmethod
     def _rms(x, w, eps):
@@ -174,10 +179,9 @@ class FastForward:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return w * x32.to(dtype)
 
-    def _rope(self, x, cos, sin):
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+    @staticmethod
+    def _rope(x, cos, sin):
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     @torch.inference_mode()
     def __call__(self, ids: list[int]) -> torch.Tensor:
@@ -230,9 +234,10 @@ class FastForward:
                 o = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
                 )
-            h = h + o_proj(o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d))
+            o = o.view(1, 1, nq * d) if t == 1 else o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, -1)
+            h = h + o_proj(o)
             x = self._rms(h, w_post, eps_post)
             gate, up = gate_up(x).chunk(2, dim=-1)
             h = h + down(F.silu(gate) * up)
-        h = self.norm(h[:, -1:])
+        h = self._rms(h[:, -1:], self.norm.weight, self.norm.variance_epsilon)
         return self.lm_head(h)[0, -1]
