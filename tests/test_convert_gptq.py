@@ -38,6 +38,7 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
     assert verify(out).ok and r.group_size == 32
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == 32
+    assert qc["sym"] is False  # asymmetric groups by default
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     ids = torch.tensor([[1, 22557, 736]])
@@ -47,6 +48,7 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
     assert len(hf) == 4 and len(toks) == 4
     m = json.loads((out / "zlocal.json").read_text())
     assert m["method"] == method and m["group_size"] == 32 and "gptqmodel" in m["versions"]
+    assert m["conversion"]["options"]["sym"] is False
 
 
 def test_calibration_windows_differ(mistral_tokenizer):
@@ -56,3 +58,16 @@ def test_calibration_windows_differ(mistral_tokenizer):
     s = calibration_samples(mistral_tokenizer, builtin_text("calibration.txt"), 8, 256)
     assert len(s) == 8 and all(len(x["input_ids"]) == 256 for x in s)
     assert len({tuple(x["input_ids"]) for x in s}) == 8
+
+
+def test_sym_option_reaches_the_plan_and_is_gptq_only(tiny_zephyr, tmp_path):
+    from zlocal.errors import InvalidArgumentError
+    from zlocal.quantize_gptq import plan_gptq
+
+    config = json.loads((tiny_zephyr / "config.json").read_text())
+    common = dict(bits=4, group_size=None, samples=None, seq_len=None, calibration=None)
+    assert plan_gptq(config, **common).sym is False
+    assert plan_gptq(config, **common, sym=True).sym is True
+    with pytest.raises(InvalidArgumentError, match="--sym"):
+        convert(tiny_zephyr, tmp_path / "o", "nf4", sym=True, evaluate=False, quiet=True)
+    assert not (tmp_path / "o").exists()

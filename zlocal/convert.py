@@ -256,6 +256,7 @@ def convert(
     calibration: str | os.PathLike | None = None,
     samples: int | None = None,
     seq_len: int | None = None,
+    sym: bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
     eval_text: str | os.PathLike | None = None,
@@ -270,8 +271,8 @@ def convert(
     if method not in METHODS:
         raise InvalidArgumentError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     bits = METHODS[method]
-    if method in BNB_METHODS and group_size is not None:
-        raise InvalidArgumentError("--group-size applies to gptq4/gptq8 only")
+    if method in BNB_METHODS and (group_size is not None or sym):
+        raise InvalidArgumentError("--group-size and --sym apply to gptq4/gptq8 only")
     for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
         if value is not None and value <= 0:
             raise InvalidArgumentError(f"{flag} must be > 0, got {value}")
@@ -324,6 +325,7 @@ def convert(
             samples=samples,
             seq_len=seq_len,
             calibration=calibration,
+            sym=sym,
         )
         group_size = gptq_plan.group_size
 
@@ -403,6 +405,7 @@ def convert(
                 "options": {
                     "samples": getattr(gptq_plan, "samples", None),
                     "seq_len": getattr(gptq_plan, "seq_len", None),
+                    "sym": getattr(gptq_plan, "sym", None),
                     "calibration": str(calibration) if calibration else "builtin",
                 },
             },

@@ -24,6 +24,11 @@ def add_convert_args(p) -> None:
         help="GPTQ group size: 32, 64 or 128 (default: largest dividing every layer)",
     )
     p.add_argument(
+        "--sym",
+        action="store_true",
+        help="GPTQ: symmetric groups, for GPU Marlin kernels (default: asymmetric, better quality)",
+    )
+    p.add_argument(
         "--calibration",
         default=None,
         metavar="FILE",
@@ -66,6 +71,7 @@ def run(args) -> int:
             calibration=args.calibration,
             samples=args.samples,
             seq_len=args.seq_len,
+            sym=args.sym,
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
             eval_text=args.eval_text,
