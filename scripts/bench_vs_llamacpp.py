@@ -189,9 +189,21 @@ def zlocal_bytes_per_token(rt) -> int:
 class LlamaCppSide:
     """llama.cpp through llama-cpp-python: prefill = one eval of the prompt, decode = greedy steps."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int):
+    def __init__(self, path: Path, threads: int, n_ctx: int, extra_buffers: bool = False):
         import llama_cpp
+        import llama_cpp.llama_cpp as low
 
+        # ggml's AMX int8 path (an "extra buffer type", like weight repacking) segfaults in
+        # ggml_backend_amx_mul_mat on this project's VM, whose CPU reports AMX; without extra buffer
+        # types llama.cpp runs its plain AVX-512 kernels. --llama-extra-buffers turns them back on.
+        defaults = low.llama_model_default_params
+
+        def params():
+            p = defaults()
+            p.use_extra_bufts = extra_buffers
+            return p
+
+        low.llama_model_default_params = params
         t0 = time.perf_counter()
         self.m = llama_cpp.Llama(
             model_path=str(path),
@@ -202,6 +214,7 @@ class LlamaCppSide:
             n_ubatch=512,
             verbose=False,
         )
+        low.llama_model_default_params = defaults
         self.load_seconds = time.perf_counter() - t0
         self.n_vocab = self.m.n_vocab()
 
@@ -242,7 +255,7 @@ def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> di
     t0 = time.perf_counter()
     rt = zlocal.load(str(model_dir), plan=plan, dtype="bfloat16", max_context=n_ctx)
     z_load = time.perf_counter() - t0
-    ll = LlamaCppSide(gguf, args.threads, n_ctx)
+    ll = LlamaCppSide(gguf, args.threads, n_ctx, args.llama_extra_buffers)
     ids = synthetic_prompt(rt, args.prompt_tokens)
     measure_once(rt, ids[:16], 4)  # warm-up both
     ll.run(ids[:16], 4)
@@ -305,6 +318,11 @@ def main() -> None:
         default=str(Path(__file__).resolve().parents[1] / ".fixtures" / "mistral-tokenizer-v1"),
         help="Mistral tokenizer dir for the random model (built by the test fixtures)",
     )
+    ap.add_argument(
+        "--llama-extra-buffers",
+        action="store_true",
+        help="let llama.cpp use its extra buffer types (AMX, weight repacking); they crash on some VMs",
+    )
     ap.add_argument("--out", default="bench-results/vs_llamacpp.json")
     args = ap.parse_args()
     src = llama_cpp_source(bench_dir() / "llama-cpp-src")
@@ -315,6 +333,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = {
         "machine": {**machine_info(), "read_bandwidth_gbs": bw, "threads": args.threads},
+        "llama_cpp_extra_buffers": args.llama_extra_buffers,
         "loadavg_start": loadavg(),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
