@@ -264,7 +264,7 @@ def test_non_streaming_client_that_hangs_up_cancels_its_generation(server):
     before = stats(server)["cancelled"]
     with pytest.raises(httpx.ReadTimeout):
         post(
-            server, "/v1/chat/completions", {"messages": HI, "max_tokens": 480, "temperature": 0}, timeout=0.4
+            server, "/v1/chat/completions", {"messages": HI, "max_tokens": 480, "temperature": 0}, timeout=0.1
         )
     job = wait_for(lambda: stats(server)["cancelled"] > before and stats(server)["recent"][-1])
     assert job["finish_reason"] == "cancelled" and job["completion_tokens"] < 480, job

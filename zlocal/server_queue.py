@@ -301,7 +301,8 @@ async def _watch_disconnect(request: Request, queue: GenerationQueue, job) -> No
         if await request.is_disconnected():
             queue.abandon(job)
             return
-        await asyncio.sleep(0.25)
+        # A short poll: on a small model a whole answer takes well under a second.
+        await asyncio.sleep(0.05)
 
 
 async def complete_job(queue: GenerationQueue, job, cid: str, model: str, request: Request) -> JSONResponse:
