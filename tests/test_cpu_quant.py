@@ -117,7 +117,7 @@ def auto_plan(path, dtype: str = "float32", ctx: int = 512):
     return plan_for(resolved, load_config(resolved), plan="auto", dtype=dtype, max_context=ctx)
 
 
-def _plan(base, fmt: str, dtype: str = "bf16"):
+def _plan(base, fmt: str, dtype: str = "bf16", head: str | None = None):
     return dataclasses.replace(
         base,
         weights_format=fmt,
@@ -127,12 +127,14 @@ def _plan(base, fmt: str, dtype: str = "bf16"):
         kv_cache_dtype=dtype,
         quantize_on_load=True,
         reasons=["test"],
+        head_format=head,
     )
 
 
 @pytest.fixture(scope="module")
 def smollm2_int8(smollm2):
-    return zlocal.load(str(smollm2), plan=_plan(auto_plan(smollm2, ctx=2048), "int8", "bf16"))
+    # int8 layers and an int8 output layer, as the planner picks for a CPU-only int8 plan
+    return zlocal.load(str(smollm2), plan=_plan(auto_plan(smollm2, ctx=2048), "int8", "bf16", head="int8"))
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +202,21 @@ def test_quantized_memory_estimate(smollm2_int4):
         include_overheads=False,
     ).cpu_weights
     assert quantized_bytes(rt.model) < 0.6 * dense
+
+
+def test_int8_head_is_a_separate_copy_and_estimated(smollm2_runtime, smollm2_int8):
+    rt = smollm2_int8
+    assert rt.model.config.tie_word_embeddings  # SmolLM2 ties lm_head to the embeddings
+    head, emb = rt.model.lm_head, rt.model.get_input_embeddings().weight
+    assert type(head) is Int8WeightOnlyLinear and head.weight.shape == emb.shape
+    # the lookup still reads the dense table, unchanged
+    assert torch.equal(emb, smollm2_runtime.model.get_input_embeddings().weight)
+    measured = quantized_bytes(rt.model) + rt.engine.cache.nbytes()
+    shape = ModelShape.from_config(rt.model.config)
+    kw = dict(ctx=rt.max_context, cpu_format="int8", compute_bytes=2, kv_bytes=2, include_overheads=False)
+    est = estimate(shape, head_format="int8", **kw).ram_bytes
+    assert est == pytest.approx(measured, rel=0.10)
+    assert est - estimate(shape, **kw).ram_bytes == shape.vocab_size * (shape.hidden_size + 2)
 
 
 def test_streamed_load_equals_two_phase_handler(tiny_zephyr):

@@ -52,9 +52,10 @@ def test_every_profile_gets_a_fitting_zephyr_plan_at_4096(name):
     if hw.gpu is None:
         assert p.gpu_layers == 0 and p.estimated_vram_bytes == 0 and p.cpu_format in ("int8", "int4")
         assert p.quantize_on_load  # bf16 (14.5 GB) cannot fit 16 GB of RAM
+        assert p.head_format == "int8" and any("lm_head on the int8 kernel" in r for r in p.reasons)
     else:
         assert p.compute_dtype == ("bf16" if float(hw.gpu.compute_capability) >= 8.0 else "fp16")
-        assert p.gpu_layers > 0
+        assert p.gpu_layers > 0 and p.head_format is None
     assert 0.5 < p.predicted_decode_tok_s < 200
 
 
@@ -141,7 +142,8 @@ def test_plan_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", [{"bits": "four"}, {"gpu_layers": -1}, {"reasons": "x"}, {"max_context": 0}]
+    "change",
+    [{"bits": "four"}, {"gpu_layers": -1}, {"reasons": "x"}, {"max_context": 0}, {"head_format": "int4"}],
 )
 def test_invalid_plan_json(tmp_path, change):
     data = {**make_plan(HW["rtx-3070-8gb"], ZEPHYR).to_dict(), **change}

@@ -269,9 +269,11 @@ def cpu_plan(model: str, fmt: str, *, dtype: str | None = None, max_context: int
     n = lp.gpu_layers + lp.cpu_layers
     changes = dict(gpu_layers=0, cpu_layers=n, gpu_format=None, gpu_device=None, estimated_vram_bytes=0)
     if fmt in CPU_FORMATS:
-        changes.update(cpu_format=fmt, weights_format=fmt, bits=CPU_FORMATS[fmt], quantize_on_load=True)
+        changes.update(cpu_format=fmt, weights_format=fmt, bits=CPU_FORMATS[fmt], quantize_on_load=True,
+                       head_format="int8")
     else:
         changes.update(cpu_format=lp.compute_dtype, weights_format=lp.compute_dtype, quantize_on_load=False,
+                       head_format=None,
                        bits=16 if lp.compute_dtype in ("bf16", "fp16") else 32)
     if group_size is not None:
         changes["group_size"] = int(group_size)

@@ -332,9 +332,26 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
             "cpu" if not lp.gpu_layers else (lp.gpu_device if not lp.cpu_layers else f"{lp.gpu_device}+cpu")
         )
         loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
+    if getattr(lp, "head_format", None) == "int8" and quantize_head_int8(loaded.model, dtype):
+        lp.reasons.append("lm_head runs on the CPU int8 kernel")
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded
+
+
+def quantize_head_int8(model, dtype: torch.dtype) -> bool:
+    """Swap a dense CPU ``lm_head`` for zlocal's per-channel int8 module; True when swapped.
+
+    A head tied to the embeddings gets its own int8 copy: the embedding lookup keeps reading the
+    dense table, which costs one row per token.
+    """
+    from .cpu_quant import quantize_linear
+
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu":
+        return False
+    model.set_output_embeddings(quantize_linear(head.weight, head.bias, 8, dtype))
+    return True
 
 
 def swap_bnb_int8_for_cpu(model, dtype: torch.dtype) -> int:

@@ -9,8 +9,9 @@ Every number is bytes. Formats (``weights_format``):
 - ``nf4`` / ``fp4``: bitsandbytes 4-bit, blocks of 64 with double-quantized absmax statistics;
 - ``gptq``: packed ``bits`` codes, fp16 scales and packed zeros per group, an int32 g_idx per input.
 
-Embeddings, norms and lm_head stay in the compute dtype in every format (as bitsandbytes, GPTQ
-and our CPU kernels leave them).
+Embeddings and norms stay in the compute dtype in every format (as bitsandbytes, GPTQ and our CPU
+kernels leave them); so does lm_head, except that a plan with every layer on the CPU in int8 or int4
+runs it on the int8 kernel (``head_format="int8"``, a separate copy when it is tied to the embeddings).
 """
 
 from __future__ import annotations
@@ -132,10 +133,22 @@ def embedding_bytes(shape: ModelShape, compute_bytes: int = 2) -> int:
     return shape.vocab_size * shape.hidden_size * compute_bytes
 
 
-def head_bytes(shape: ModelShape, compute_bytes: int = 2) -> int:
-    """lm_head (0 when tied to the embeddings) plus the final norm."""
-    lm = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * compute_bytes
+def head_bytes(shape: ModelShape, compute_bytes: int = 2, head_format: str | None = None) -> int:
+    """lm_head plus the final norm. A dense head tied to the embeddings adds nothing; an int8 head
+    is its own copy (int8 codes and one scale per row)."""
+    if head_format == "int8":
+        lm = shape.vocab_size * (shape.hidden_size + compute_bytes)
+    else:
+        lm = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * compute_bytes
     return lm + shape.hidden_size * compute_bytes
+
+
+def head_read_bytes(shape: ModelShape, compute_bytes: int = 2, head_format: str | None = None) -> int:
+    """Bytes the output layer reads per token (a tied dense head reads the embedding matrix)."""
+    tied_dense = shape.tie_word_embeddings and head_format != "int8"
+    return head_bytes(shape, compute_bytes, head_format) + (
+        embedding_bytes(shape, compute_bytes) if tied_dense else 0
+    )
 
 
 def kv_tokens(shape: ModelShape, ctx: int, honor_window: bool = False) -> int:
@@ -206,6 +219,7 @@ def estimate(
     group_size: int = 128,
     prefill_chunk: int = 512,
     include_overheads: bool = True,
+    head_format: str | None = None,
 ) -> MemoryEstimate:
     """Estimate resident memory. The first ``gpu_layers`` blocks go to the GPU; with every block on
     the GPU the embeddings and head go too; with a split, the embedding lookup stays on the CPU
@@ -217,7 +231,7 @@ def estimate(
     est = MemoryEstimate()
     est.gpu_weights = g * layer_weight_bytes(shape, gpu_format, compute_bytes, bits, group_size)
     est.cpu_weights = cpu_layers * layer_weight_bytes(shape, cpu_format, compute_bytes, bits, group_size)
-    emb, head = embedding_bytes(shape, compute_bytes), head_bytes(shape, compute_bytes)
+    emb, head = embedding_bytes(shape, compute_bytes), head_bytes(shape, compute_bytes, head_format)
     if g == 0:
         est.cpu_weights += emb + head
     elif cpu_layers == 0:
@@ -239,11 +253,14 @@ def estimate(
 
 
 def weight_bytes_read_per_token(
-    shape: ModelShape, fmt: str, compute_bytes: int = 2, bits: int = 4, group_size: int = 128
+    shape: ModelShape,
+    fmt: str,
+    compute_bytes: int = 2,
+    bits: int = 4,
+    group_size: int = 128,
+    head_format: str | None = None,
 ) -> int:
     """Bytes of weights one decode step streams from memory (embedding lookup excluded)."""
-    return (
-        shape.num_layers * layer_weight_bytes(shape, fmt, compute_bytes, bits, group_size)
-        + head_bytes(shape, compute_bytes)
-        + (embedding_bytes(shape, compute_bytes) if shape.tie_word_embeddings else 0)
-    )
+    return shape.num_layers * layer_weight_bytes(
+        shape, fmt, compute_bytes, bits, group_size
+    ) + head_read_bytes(shape, compute_bytes, head_format)
