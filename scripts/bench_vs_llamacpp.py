@@ -186,6 +186,14 @@ def zlocal_bytes_per_token(rt) -> int:
     return total
 
 
+def cpu_has_amx() -> bool:
+    """True when /proc/cpuinfo lists AMX tiles (False where it cannot be read)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 class LlamaCppSide:
     """llama.cpp through llama-cpp-python: prefill = one eval of the prompt, decode = greedy steps."""
 
@@ -193,9 +201,10 @@ class LlamaCppSide:
         import llama_cpp
         import llama_cpp.llama_cpp as low
 
-        # ggml's AMX int8 path (an "extra buffer type", like weight repacking) segfaults in
-        # ggml_backend_amx_mul_mat on this project's VM, whose CPU reports AMX; without extra buffer
-        # types llama.cpp runs its plain AVX-512 kernels. --llama-extra-buffers turns them back on.
+        # ggml's AMX int8 path (an "extra buffer type", like weight repacking) segfaulted in
+        # ggml_backend_amx_mul_mat on an Intel VM of this project whose CPU reports AMX; without extra
+        # buffer types llama.cpp runs its plain AVX-512/AVX2 kernels (slower: on an AMD VM, SmolLM2
+        # Q4_0 decoded at 147 tok/s without them and 200 with them).
         defaults = low.llama_model_default_params
 
         def params():
@@ -320,11 +329,16 @@ def main() -> None:
     )
     ap.add_argument(
         "--llama-extra-buffers",
-        action="store_true",
-        help="let llama.cpp use its extra buffer types (AMX, weight repacking); they crash on some VMs",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llama.cpp's extra buffer types (weight repacking, AMX); auto: on unless the CPU reports "
+        "AMX, whose ggml path crashed on a VM here",
     )
     ap.add_argument("--out", default="bench-results/vs_llamacpp.json")
     args = ap.parse_args()
+    args.llama_extra_buffers = (
+        not cpu_has_amx() if args.llama_extra_buffers == "auto" else args.llama_extra_buffers == "on"
+    )
     src = llama_cpp_source(bench_dir() / "llama-cpp-src")
     # The bound uses the machine's read bandwidth with every core reading (one core alone does not
     # saturate RAM, and llama.cpp at one thread was seen beating a one-thread measurement).
