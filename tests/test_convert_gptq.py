@@ -39,6 +39,10 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == 32
     assert qc["sym"] is False  # asymmetric groups by default
+    assert qc["meta"]["gptaq"]["alpha"] == 0.25 and qc["meta"]["mse"] == 2.4
+    # the temp offload dir gptqmodel records is gone from both configs
+    saved_qc = json.loads((out / "quantize_config.json").read_text())
+    assert "offload_to_disk_path" not in qc["meta"] and "offload_to_disk_path" not in saved_qc["meta"]
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     ids = torch.tensor([[1, 22557, 736]])
@@ -48,7 +52,7 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
     assert len(hf) == 4 and len(toks) == 4
     m = json.loads((out / "zlocal.json").read_text())
     assert m["method"] == method and m["group_size"] == 32 and "gptqmodel" in m["versions"]
-    assert m["conversion"]["options"]["sym"] is False
+    assert m["conversion"]["options"]["sym"] is False and m["conversion"]["options"]["gptaq_alpha"] == 0.25
 
 
 def test_calibration_windows_differ(mistral_tokenizer):

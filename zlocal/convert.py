@@ -34,6 +34,7 @@ from .quantize_bnb import (
     quantize_bnb,
     read_header,
 )
+from .quantize_gptq import GPTAQ_ALPHA
 
 METHODS = {"nf4": 4, "fp4": 4, "int8": 8, "gptq4": 4, "gptq8": 8}
 CONVERTIBLE_TYPES = {"mistral", "llama", "qwen2"}
@@ -406,6 +407,7 @@ def convert(
                     "samples": getattr(gptq_plan, "samples", None),
                     "seq_len": getattr(gptq_plan, "seq_len", None),
                     "sym": getattr(gptq_plan, "sym", None),
+                    "gptaq_alpha": GPTAQ_ALPHA if gptq_plan else None,
                     "calibration": str(calibration) if calibration else "builtin",
                 },
             },
