@@ -332,8 +332,8 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
             "cpu" if not lp.gpu_layers else (lp.gpu_device if not lp.cpu_layers else f"{lp.gpu_device}+cpu")
         )
         loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
-    if getattr(lp, "head_format", None) == "int8" and quantize_head_int8(loaded.model, dtype):
-        lp.reasons.append("lm_head runs on the CPU int8 kernel")
+    if lp.head_format == "int8":
+        quantize_head_int8(loaded.model, dtype)
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded

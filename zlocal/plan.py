@@ -501,7 +501,7 @@ def make_plan(
     if p.head_format == "int8":
         reasons.append(
             "lm_head on the int8 kernel (per-channel, as llama.cpp keeps its output layer at 8 bits): "
-            "half the bytes of the largest read per token"
+            "it reads half the bytes of the dense head every token"
         )
     if p.quantize_on_load:
         reasons.append("quantized on load from the full-precision checkpoint (streamed tensor by tensor)")
