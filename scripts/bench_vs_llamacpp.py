@@ -214,16 +214,18 @@ class LlamaCppSide:
 
         low.llama_model_default_params = params
         t0 = time.perf_counter()
-        self.m = llama_cpp.Llama(
-            model_path=str(path),
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_ctx=n_ctx,
-            n_batch=512,
-            n_ubatch=512,
-            verbose=False,
-        )
-        low.llama_model_default_params = defaults
+        try:
+            self.m = llama_cpp.Llama(
+                model_path=str(path),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_ctx=n_ctx,
+                n_batch=512,
+                n_ubatch=512,
+                verbose=False,
+            )
+        finally:
+            low.llama_model_default_params = defaults
         self.load_seconds = time.perf_counter() - t0
         self.n_vocab = self.m.n_vocab()
 

@@ -261,6 +261,7 @@ def cpu_plan(model: str, fmt: str, *, dtype: str | None = None, max_context: int
     """The auto plan for ``model`` with every layer on the CPU in ``fmt`` (int8, int4 or the dense
     compute dtype), for comparing formats on one machine."""
     from .loader import load_config, plan_for
+    from .plan import head_format_for
     from .resolve import resolve_model
 
     resolved = resolve_model(model)
@@ -269,12 +270,11 @@ def cpu_plan(model: str, fmt: str, *, dtype: str | None = None, max_context: int
     n = lp.gpu_layers + lp.cpu_layers
     changes = dict(gpu_layers=0, cpu_layers=n, gpu_format=None, gpu_device=None, estimated_vram_bytes=0)
     if fmt in CPU_FORMATS:
-        changes.update(cpu_format=fmt, weights_format=fmt, bits=CPU_FORMATS[fmt], quantize_on_load=True,
-                       head_format="int8")
+        changes.update(cpu_format=fmt, weights_format=fmt, bits=CPU_FORMATS[fmt], quantize_on_load=True)
     else:
         changes.update(cpu_format=lp.compute_dtype, weights_format=lp.compute_dtype, quantize_on_load=False,
-                       head_format=None,
                        bits=16 if lp.compute_dtype in ("bf16", "fp16") else 32)
+    changes["head_format"] = head_format_for(0, changes["cpu_format"], lp.source_quantized)
     if group_size is not None:
         changes["group_size"] = int(group_size)
     lp = dataclasses.replace(lp, **changes)

@@ -247,7 +247,7 @@ def _bits(fmt: str | None, source_quant: dict | None, compute: str) -> int:
     return FORMAT_BITS.get(fmt or compute, 16)
 
 
-def head_format_for(g: int, cpu_fmt: str | None, source_quant: dict | None) -> str | None:
+def head_format_for(g: int, cpu_fmt: str | None, source_quantized: bool) -> str | None:
     """"int8" when the output layer should run on the CPU int8 kernel, else None (dense).
 
     With every layer on the CPU in int8 or int4, a dense head is the largest single read of a
@@ -255,7 +255,7 @@ def head_format_for(g: int, cpu_fmt: str | None, source_quant: dict | None) -> s
     moves the output (perplexity -0.3%, mean KL 0.002 on SmolLM2), and llama.cpp too keeps its
     output layer at 8 bits (Q8_0 / Q6_K) in its 4- and 8-bit files.
     """
-    return "int8" if g == 0 and cpu_fmt in ("int8", "int4") and not source_quant else None
+    return "int8" if g == 0 and cpu_fmt in ("int8", "int4") and not source_quantized else None
 
 
 def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> float:
@@ -268,7 +268,7 @@ def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: s
     n = shape.num_layers
     kv_half = kv_bytes_per_layer(shape, max(1, ctx // 2), compute_bytes)  # a half-full context on average
     t = 0.0
-    head_fmt = head_format_for(g, cpu_fmt, spec.source_quant)
+    head_fmt = head_format_for(g, cpu_fmt, bool(spec.source_quant))
     head = head_read_bytes(shape, compute_bytes, head_fmt)
     if g:
         eff = GPU_EFFICIENCY.get(gpu_fmt, 0.6)
@@ -296,7 +296,7 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
     cb = DTYPE_BYTES[compute]
     n = shape.num_layers
     bits_gpu, bits_cpu = _bits(gpu_fmt, source_quant, compute), _bits(cpu_fmt, source_quant, compute)
-    head_fmt = head_format_for(g, cpu_fmt, source_quant)
+    head_fmt = head_format_for(g, cpu_fmt, bool(source_quant))
     est = estimate(
         shape,
         ctx=ctx,

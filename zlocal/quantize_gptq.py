@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -220,8 +221,6 @@ def _drop_offload_path(out: Path) -> None:
     It names the temp dir beside OUT, which is gone after the rename and says nothing about the
     weights.
     """
-    import json
-
     for name, nested in (("quantize_config.json", False), ("config.json", True)):
         path = out / name
         if not path.is_file():
