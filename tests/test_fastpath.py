@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import zlocal
+from zlocal import fastpath
+from zlocal.cpu_quant import quantized_bytes
 from zlocal.fastpath import unsupported_reason
+from zlocal.memory import ModelShape, estimate
 
 
 def _greedy(rt, ids, n, fast):
@@ -61,21 +64,63 @@ def test_fast_logits_close_to_hf_in_bf16(smollm2):
     assert torch.nn.functional.cosine_similarity(fast_logits, hf_logits, dim=0) > 0.999
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (49152, 576)])
-@pytest.mark.parametrize("use_mv", [True, False])
-def test_one_token_projection_is_bit_identical_to_linear(dtype, shape, use_mv, monkeypatch):
-    from zlocal import fastpath
+_NO_PACKING = "oneDNN cannot pack bf16 weights on this CPU (needs AVX-512 or newer)"
 
-    # Which kernel runs depends on a timing of this CPU; both must give the same numbers.
-    monkeypatch.setitem(fastpath._MV_FASTER, dtype, use_mv)
-    w = torch.randn(shape).to(dtype)
-    proj = fastpath._dense(w)
-    for t in (1, 5):  # with use_mv, one token takes torch.mv and several the GEMM
-        x = torch.randn(1, t, shape[1]).to(dtype)
+
+def _kernel_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        for kernel in ("linear", "mv", "packed"):
+            if kernel == "packed" and dtype != torch.bfloat16:
+                continue  # only bf16 is packed: only there is it bit-identical to F.linear
+            marks = ()
+            if kernel == "packed":
+                marks = pytest.mark.skipif(not fastpath.packing_supported(dtype), reason=_NO_PACKING)
+            yield pytest.param(dtype, kernel, marks=marks, id=f"{kernel}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("dtype,kernel", list(_kernel_cases()))
+@pytest.mark.parametrize("outs,in_f", [((576, 192, 192), 576), ((576,), 1536), ((49152,), 576)])
+def test_projection_is_bit_identical_to_linear(dtype, kernel, outs, in_f, monkeypatch):
+    # Which kernel runs depends on a timing of this CPU; all must give the same numbers, for one
+    # token (the decode kernels) and several, fused and through each HF module.
+    monkeypatch.setitem(fastpath._KERNEL, dtype, kernel)
+    owner = torch.nn.Module()
+    names = [f"p{i}" for i in range(len(outs))]
+    weights = [torch.randn(o, in_f).to(dtype) for o in outs]
+    for name, w in zip(names, weights, strict=True):
+        setattr(owner, name, torch.nn.Linear(in_f, w.shape[0], bias=False, dtype=dtype))
+        getattr(owner, name).weight.data.copy_(w)
+    proj = fastpath._projection(owner, names)
+    swapped = type(getattr(owner, names[0])) is fastpath.PackedLinear
+    assert swapped == (kernel == "packed")
+    for t in (1, 5):
+        x = torch.randn(1, t, in_f).to(dtype)
+        want = [torch.nn.functional.linear(x, w) for w in weights]
         y = proj(x)
-        assert y.shape == (1, t, shape[0])
-        assert torch.equal(y, torch.nn.functional.linear(x, w))
+        assert y.shape == (1, t, sum(outs))
+        assert torch.equal(y, torch.cat(want, dim=-1))
+        for name, w in zip(names, want, strict=True):
+            assert torch.equal(getattr(owner, name)(x), w)
+
+
+@pytest.mark.skipif(not fastpath.packing_supported(torch.bfloat16), reason=_NO_PACKING)
+def test_packed_weights_replace_the_dense_ones(smollm2, monkeypatch):
+    monkeypatch.setitem(fastpath._KERNEL, torch.bfloat16, "packed")
+    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=64)
+    attn, mlp = rt.model.model.layers[0].self_attn, rt.model.model.layers[0].mlp
+    # q/k/v share one packed weight, gate/up another: memory is not doubled
+    assert attn.q_proj.packed is attn.k_proj.packed is attn.v_proj.packed
+    assert mlp.gate_proj.packed is mlp.up_proj.packed
+    assert not any(type(m) is torch.nn.Linear for m in rt.model.modules())
+    # the tied head gets its own packed copy; the embedding lookup keeps the dense table
+    assert type(rt.model.lm_head) is fastpath.PackedLinear
+    emb = rt.model.get_input_embeddings().weight
+    assert torch.equal(rt.model.lm_head.packed.to_dense(), emb)
+    shape = ModelShape.from_config(rt.model.config)
+    rt.generate("Hi", max_new_tokens=1, temperature=0)
+    measured = quantized_bytes(rt.model) + rt.engine.cache.nbytes()
+    est = estimate(shape, ctx=64, cpu_format="bf16", kv_bytes=2, include_overheads=False).ram_bytes
+    assert est == pytest.approx(measured, rel=0.10)
 
 
 def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2):
@@ -93,7 +138,10 @@ def test_int4_fusion_only_on_whole_pack_blocks(outs):
     x = torch.randn(1, 3, 128)
     want = torch.cat([p(x) for p in parts], dim=-1)
     assert (_fuse_quantized(parts) is not None) == all(o % 64 == 0 for o in outs)
-    assert torch.equal(_projection(parts)(x), want)
+    owner = torch.nn.Module()
+    for i, part in enumerate(parts):
+        setattr(owner, f"p{i}", part)
+    assert torch.equal(_projection(owner, [f"p{i}" for i in range(len(parts))])(x), want)
 
 
 def test_unsupported_models_keep_the_hf_forward(tiny_runtime):

@@ -11,7 +11,8 @@ Every number is bytes. Formats (``weights_format``):
 
 Embeddings and norms stay in the compute dtype in every format (as bitsandbytes, GPTQ and our CPU
 kernels leave them); so does lm_head, except that a plan with every layer on the CPU in int8 or int4
-runs it on the int8 kernel (``head_format="int8"``, a separate copy when it is tied to the embeddings).
+runs it on the int8 kernel (``head_format="int8"``, a separate copy when it is tied to the embeddings),
+and a dense 16-bit head on the CPU counts a packed copy when tied (see ``fastpath.PackedLinear``).
 """
 
 from __future__ import annotations
@@ -234,6 +235,10 @@ def estimate(
     emb, head = embedding_bytes(shape, compute_bytes), head_bytes(shape, compute_bytes, head_format)
     if g == 0:
         est.cpu_weights += emb + head
+        if compute_bytes == 2 and head_format is None and shape.tie_word_embeddings:
+            # the lean forward packs a dense bf16 head for oneDNN where that kernel is fastest, a
+            # copy when tied (counted for every 16-bit CPU head: an upper bound where not packed)
+            est.cpu_weights += emb
     elif cpu_layers == 0:
         est.gpu_weights += emb + head
     else:
