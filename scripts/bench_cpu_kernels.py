@@ -1,8 +1,9 @@
 """Benchmark zlocal's CPU weight-only kernels; writes JSON.
 
-1. One Linear of each Mistral-7B shape at batch 1: bf16 (``F.linear``) vs int8
-   (``_weight_int8pack_mm``) vs int4 (``_weight_int4pack_mm_for_cpu``): median ms, weight bytes
-   read, effective GB/s. bitsandbytes' CPU path is left out on purpose (125-400 ms, see anchors).
+1. One Linear of each Mistral-7B shape at batch 1: bf16 (``F.linear``), bf16 packed for oneDNN
+   (what the lean forward runs, where the CPU supports it), int8 (``_weight_int8pack_mm``) and int4
+   (``_weight_int4pack_mm_for_cpu``): median ms, weight bytes read, effective GB/s. bitsandbytes'
+   CPU path is left out on purpose (125-400 ms, see anchors).
 2. Whole-model greedy decode on SmolLM2-135M through ``zlocal.load`` with a dense bf16 plan and
    int8 / int4 quantize-on-load plans: measured tok/s next to the planner's prediction.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from zlocal import fastpath
 from zlocal.cpu_quant import quantize_linear
 
 MISTRAL_LINEARS = {
@@ -57,11 +59,11 @@ def bench_linears(repeats: int) -> list[dict]:
         x = torch.randn(1, in_f, dtype=torch.bfloat16)
         dense = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
         dense.weight.data.copy_(w)
-        kernels = {
-            "bf16": dense,
-            "int8": quantize_linear(w, None, 8, torch.bfloat16),
-            "int4": quantize_linear(w, None, 4, torch.bfloat16, group_size=128),
-        }
+        kernels = {"bf16": dense}
+        if fastpath.packing_supported(torch.bfloat16):
+            kernels["bf16-packed"] = fastpath.PackedLinear(fastpath.pack_weight(w), in_f, out_f)
+        kernels["int8"] = quantize_linear(w, None, 8, torch.bfloat16)
+        kernels["int4"] = quantize_linear(w, None, 4, torch.bfloat16, group_size=128)
         for name, mod in kernels.items():
             ms = _time_ms(lambda mod=mod, x=x: mod(x), repeats)
             nbytes = _module_bytes(mod)
@@ -74,7 +76,7 @@ def bench_linears(repeats: int) -> list[dict]:
                     "effective_gb_s": round(nbytes / ms / 1e6, 2),
                 }
             )
-            print(f"{label:26s} {name:5s} {ms:8.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s")
+            print(f"{label:26s} {name:11s} {ms:8.3f} ms  {nbytes / ms / 1e6:6.1f} GB/s")
         del w, dense, kernels
     return rows
 
