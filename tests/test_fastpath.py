@@ -64,7 +64,7 @@ def test_fast_logits_close_to_hf_in_bf16(smollm2):
     assert torch.nn.functional.cosine_similarity(fast_logits, hf_logits, dim=0) > 0.999
 
 
-_NO_PACKING = "oneDNN cannot pack bf16 weights on this CPU (needs AVX-512 or newer)"
+_NO_PACKING = "oneDNN cannot pack bf16 weights bit-identically to F.linear on this CPU (needs AVX-512+)"
 
 
 def _kernel_cases():

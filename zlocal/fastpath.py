@@ -90,14 +90,38 @@ _KERNEL: dict[torch.dtype, str] = {}
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can pack a ``dtype`` weight on this CPU (bf16 only: the packed kernel gives
-    results bit-identical to ``F.linear`` there, which goes through oneDNN unpacked)."""
-    return (
+    """Whether oneDNN can pack a ``dtype`` weight on this CPU with results bit-identical to
+    ``F.linear`` (which goes through oneDNN unpacked). Only bf16 is packed, and only after a
+    one-time check on this CPU that both calls agree bit for bit, so zlocal's bf16 numbers stay
+    those of transformers' own matmuls."""
+    if not (
         dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    ):
+        return False
+    if dtype not in _EXACT:
+        _EXACT[dtype] = _packing_is_exact(dtype)
+    return _EXACT[dtype]
+
+
+_EXACT: dict[torch.dtype, bool] = {}
+
+
+@torch.inference_mode()
+def _packing_is_exact(dtype: torch.dtype) -> bool:
+    # The reduction length is what could change the summation order; 576, 1536 and 4096 are the
+    # inner sizes of SmolLM2's and Mistral-7B's projections.
+    gen = torch.Generator().manual_seed(0)
+    for k in (576, 1536, 4096):
+        w = torch.randn(128, k, generator=gen).to(dtype)
+        packed = pack_weight(w)
+        for t in (1, 5):
+            x = torch.randn(1, t, k, generator=gen).to(dtype)
+            if not torch.equal(_packed_linear(x, packed), F.linear(x, w)):
+                return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
