@@ -68,7 +68,7 @@ def _projection(owner: nn.Module, names: list[str]):
         fused = linears[0].weight.detach()
     else:
         fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-    if fused.device.type == "cpu" and dense_kernel(fused.dtype) == "packed":
+    if _packs(fused):
         packed = pack_weight(fused)
         start = 0
         for name, lin in zip(names, linears, strict=True):
@@ -87,6 +87,12 @@ def _projection(owner: nn.Module, names: list[str]):
 
 
 _KERNEL: dict[torch.dtype, str] = {}
+_EXACT: dict[torch.dtype, bool] = {}
+
+
+def _packs(weight: torch.Tensor) -> bool:
+    """Whether the lean forward keeps ``weight`` packed for oneDNN (see ``dense_kernel``)."""
+    return weight.device.type == "cpu" and dense_kernel(weight.dtype) == "packed"
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
@@ -104,9 +110,6 @@ def packing_supported(dtype: torch.dtype) -> bool:
     if dtype not in _EXACT:
         _EXACT[dtype] = _packing_is_exact(dtype)
     return _EXACT[dtype]
-
-
-_EXACT: dict[torch.dtype, bool] = {}
 
 
 @torch.inference_mode()
@@ -270,7 +273,7 @@ class FastForward:
         head = model.lm_head
         if not (_plain(head) and head.bias is None):
             self.lm_head = head
-        elif head.weight.device.type == "cpu" and dense_kernel(head.weight.dtype) == "packed":
+        elif _packs(head.weight):
             # A head tied to the embeddings gets its own packed copy (the lookup keeps reading
             # the dense table); an untied head's dense weight is freed.
             w = head.weight
