@@ -72,6 +72,63 @@ def test_kernel_close_to_float_linear(bits, rel):
     assert ((q(x) - ref).norm() / ref.norm()).item() < rel
 
 
+@pytest.mark.parametrize("out_f", [300, 64])
+def test_blockwise_int8_prefill_matches_the_kernel(out_f, monkeypatch):
+    from zlocal import cpu_quant
+
+    # a scratch of 128 rows: several blocks and a partial last one
+    monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 128 * 256)
+    torch.manual_seed(0)
+    m = quantize_linear(torch.randn(out_f, 256) * 0.05, None, 8, torch.bfloat16)
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    exact = x.float() @ _dequant_int8(m.weight, m.scales.float()).t()
+    y = cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales)
+    kernel = torch._weight_int8pack_mm(x, m.weight, m.scales)
+    assert y.shape == kernel.shape == (40, out_f) and y.dtype == torch.bfloat16
+    # the codes are exact in bf16; only the rounding of the sums and of the scaling differs
+    assert ((y.float() - exact).norm() / exact.norm()).item() < 4e-3
+    assert ((y.float() - kernel.float()).abs() <= 2 * kernel.float().abs() * 2**-8 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [31, 32])
+def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, monkeypatch):
+    from zlocal import cpu_quant
+
+    calls = []
+    real = cpu_quant.int8_matmul_blockwise
+    monkeypatch.setattr(cpu_quant, "_BF16_GEMM", True)  # whatever this CPU is
+    monkeypatch.setattr(cpu_quant, "int8_matmul_blockwise", lambda *a: calls.append(1) or real(*a))
+    m = quantize_linear(torch.randn(96, 128), None, 8, dtype)
+    y = m(torch.randn(1, tokens, 128).to(dtype))
+    assert y.shape == (1, tokens, 96)
+    assert bool(calls) == (dtype == torch.bfloat16 and tokens >= cpu_quant.DEQUANT_GEMM_MIN_TOKENS)
+
+
+def test_blockwise_scratch_is_per_thread(monkeypatch):
+    import threading
+
+    from zlocal import cpu_quant
+
+    monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 64 * 512)
+    torch.manual_seed(0)
+    mods = [quantize_linear(torch.randn(512, 512), None, 8, torch.bfloat16) for _ in range(2)]
+    xs = [torch.randn(64, 512).to(torch.bfloat16) for _ in range(2)]
+    want = [cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales) for m, x in zip(mods, xs, strict=True)]
+    got: dict[int, list] = {0: [], 1: []}
+
+    def work(i):
+        for _ in range(20):
+            got[i].append(cpu_quant.int8_matmul_blockwise(xs[i], mods[i].weight, mods[i].scales))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(y, want[i]) for i in range(2) for y in got[i])
+
+
 def test_kernel_constraints():
     assert can_quantize((48, 100), 8)
     assert not can_quantize((40, 128), 4)  # out_features must be a multiple of 16
@@ -176,6 +233,24 @@ def test_int8_greedy_generation_matches_reference(smollm2_runtime, smollm2_int8)
     out = smollm2_int8.chat_completion(msgs, temperature=0, max_new_tokens=6)
     assert out.token_ids[:4] == ref.token_ids[:4]
     assert "Paris" in out.text
+
+
+def test_int8_bf16_prompt_path_same_tokens_on_both_forwards(smollm2_int8):
+    # prompts of 32+ tokens take the block-wise GEMM in both the lean and the HF forward
+    rt = smollm2_int8
+    ids = rt.encode_chat([{"role": "user", "content": PROSE + " " + PROSE}])
+    assert len(ids) >= 32 and rt.model.dtype == torch.bfloat16
+    e = rt.engine
+    out = {}
+    for fast in (True, False):
+        saved, e.fast = e.fast, (e.fast if fast else None)
+        try:
+            e.reset()
+            with e.without_stop_tokens():
+                out[fast] = rt.generate(ids, temperature=0, max_new_tokens=12).token_ids
+        finally:
+            e.fast = saved
+    assert out[True] == out[False]
 
 
 def test_quantized_memory_estimate(smollm2_int4):

@@ -13,10 +13,12 @@ for one weight, which is what the streaming loader uses to keep peak memory at o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
@@ -96,8 +98,44 @@ class _QuantLinearBase(nn.Module):
         )
 
 
+# Prompt processing: ``_weight_int8pack_mm`` converts weights inside every multiply-add, so with
+# many tokens it is compute-bound (Mistral-7B gate/up, 128 tokens: 255 ms on a 2-core AMD EPYC VM).
+# Converting a block of rows into a small bf16 scratch and running oneDNN's bf16 GEMM on it is 2-3x
+# faster there (86 ms); the int8 codes are exact in bf16 and the scale is applied to the sums.
+DEQUANT_GEMM_MIN_TOKENS = 32  # below this the kernel wins or ties (16 tokens: 30 vs 23 ms, 8: 15 vs 18)
+_SCRATCH_ELEMS = 1 << 22  # 8 MB of bf16: one block stays in cache between its conversion and GEMM
+_scratch = threading.local()  # one scratch per thread: two runtimes may prefill at once
+
+
+def bf16_gemm_is_fast() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively in oneDNN (AVX-512 bf16 or AMX), which the
+    block-wise int8 prefill needs to beat the weight-only kernel."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+_BF16_GEMM = bf16_gemm_is_fast()
+
+
+def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales).T`` for many rows of ``x`` (bf16), a block of weight rows at a time."""
+    out_f, in_f = q.shape
+    rows = max(64, _SCRATCH_ELEMS // in_f // 64 * 64)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < rows * in_f:
+        buf = _scratch.buf = torch.empty(rows * in_f, dtype=torch.bfloat16)
+    parts = []
+    for start in range(0, out_f, rows):
+        block = q[start : start + rows]
+        w = buf[: block.numel()].view(block.shape)
+        w.copy_(block)
+        parts.append(F.linear(x, w))
+    return torch.cat(parts, dim=-1).mul_(scales)
+
+
 class Int8WeightOnlyLinear(_QuantLinearBase):
-    """y = x @ (q * scale).T (+ bias) with per-channel int8 weights, via ``_weight_int8pack_mm``."""
+    """y = x @ (q * scale).T (+ bias) with per-channel int8 weights, via ``_weight_int8pack_mm``
+    (for bf16 prompts of ``DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs with native bf16
+    GEMMs, via ``int8_matmul_blockwise``)."""
 
     bits = 8
 
@@ -109,7 +147,11 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(self._prepare(x), self.weight, self.scales)
+        x2 = self._prepare(x)
+        if x2.shape[0] >= DEQUANT_GEMM_MIN_TOKENS and self.dtype == torch.bfloat16 and _BF16_GEMM:
+            y = int8_matmul_blockwise(x2, self.weight, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
         return self._finish(y, x.shape, x.dtype)
 
 
