@@ -105,6 +105,18 @@ def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, mo
     assert bool(calls) == (dtype == torch.bfloat16 and tokens >= cpu_quant.DEQUANT_GEMM_MIN_TOKENS)
 
 
+def test_blockwise_scratch_works_in_and_outside_inference_mode(monkeypatch):
+    from zlocal import cpu_quant
+
+    monkeypatch.setattr(cpu_quant, "_scratch", __import__("threading").local())  # a fresh scratch
+    m = quantize_linear(torch.randn(64, 128), None, 8, torch.bfloat16)
+    x = torch.randn(40, 128).to(torch.bfloat16)
+    with torch.inference_mode():  # the engine creates the scratch here...
+        first = cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales)
+    with torch.no_grad():  # ...and an evaluation may reuse it here
+        assert torch.equal(cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales), first)
+
+
 def test_blockwise_scratch_is_per_thread(monkeypatch):
     import threading
 

@@ -122,7 +122,9 @@ def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor
     rows = max(64, _SCRATCH_ELEMS // in_f // 64 * 64)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < rows * in_f:
-        buf = _scratch.buf = torch.empty(rows * in_f, dtype=torch.bfloat16)
+        # a normal tensor, not an inference one: it is rewritten in and outside inference mode
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(rows * in_f, dtype=torch.bfloat16)
     parts = []
     for start in range(0, out_f, rows):
         block = q[start : start + rows]
