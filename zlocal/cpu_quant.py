@@ -102,7 +102,9 @@ class _QuantLinearBase(nn.Module):
 # many tokens it is compute-bound (Mistral-7B gate/up, 128 tokens: 255 ms on a 2-core AMD EPYC VM).
 # Converting a block of rows into a small bf16 scratch and running oneDNN's bf16 GEMM on it is 2-3x
 # faster there (86 ms); the int8 codes are exact in bf16 and the scale is applied to the sums.
-DEQUANT_GEMM_MIN_TOKENS = 32  # below this the kernel wins or ties (16 tokens: 30 vs 23 ms, 8: 15 vs 18)
+# At 16 tokens the two are close (gate/up: kernel 30, block-wise 23 ms; 576-wide SmolLM2 ones tie), at 8
+# the kernel wins (15 vs 18 ms).
+DEQUANT_GEMM_MIN_TOKENS = 32
 _SCRATCH_ELEMS = 1 << 22  # 8 MB of bf16: one block stays in cache between its conversion and GEMM
 _scratch = threading.local()  # one scratch per thread: two runtimes may prefill at once
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_quant import bf16_gemm_is_fast
 from .errors import ContextOverflowError
 from .kvcache import KVCache
 
@@ -100,12 +101,9 @@ def packing_supported(dtype: torch.dtype) -> bool:
     ``F.linear`` (which goes through oneDNN unpacked). Only bf16 is packed, and only after a
     one-time check on this CPU that both calls agree bit for bit, so zlocal's bf16 numbers stay
     those of transformers' own matmuls."""
-    if not (
-        dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
+    if dtype != torch.bfloat16 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if not bf16_gemm_is_fast():
         return False
     if dtype not in _EXACT:
         _EXACT[dtype] = _packing_is_exact(dtype)
