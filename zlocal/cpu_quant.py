@@ -13,6 +13,7 @@ for one weight, which is what the streaming loader uses to keep peak memory at o
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,35 +99,44 @@ class _QuantLinearBase(nn.Module):
         )
 
 
-# Prompt processing: ``_weight_int8pack_mm`` converts weights inside every multiply-add, so with
-# many tokens it is compute-bound (Mistral-7B gate/up, 128 tokens: 255 ms on a 2-core AMD EPYC VM).
-# Converting a block of rows into a small bf16 scratch and running oneDNN's bf16 GEMM on it is 2-3x
-# faster there (86 ms); the int8 codes are exact in bf16 and the scale is applied to the sums.
-# At 16 tokens the two are close (gate/up: kernel 30, block-wise 23 ms; 576-wide SmolLM2 ones tie), at 8
-# the kernel wins (15 vs 18 ms).
+# Prompt processing: the weight-only kernels convert weights inside every multiply-add, so with many
+# tokens they are compute-bound (Mistral-7B gate/up, 128 tokens: int8 255 ms on a 2-core AMD EPYC VM).
+# Converting a block of rows into a small bf16 scratch and running oneDNN's bf16 GEMM on it is faster:
+# int8 2-3x from 32 tokens (86 ms; the codes are exact in bf16, the scale is applied to the sums);
+# int4 from 256 tokens, where unpacking the nibbles costs less than the GEMM saves (gate/up, 512
+# tokens: 401 vs 700 ms; at 128 both take 175 ms).
+# int8 at 16 tokens: close (gate/up: kernel 30, block-wise 23 ms; 576-wide SmolLM2 ones tie); at 8 the
+# kernel wins (15 vs 18 ms).
 DEQUANT_GEMM_MIN_TOKENS = 32
+INT4_DEQUANT_GEMM_MIN_TOKENS = 256
 _SCRATCH_ELEMS = 1 << 22  # 8 MB of bf16: one block stays in cache between its conversion and GEMM
 _scratch = threading.local()  # one scratch per thread: two runtimes may prefill at once
 
 
 def bf16_gemm_is_fast() -> bool:
     """Whether this CPU runs bf16 GEMMs natively in oneDNN (AVX-512 bf16 or AMX), which the
-    block-wise int8 prefill needs to beat the weight-only kernel."""
+    block-wise prompt paths need to beat the weight-only kernels."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 _BF16_GEMM = bf16_gemm_is_fast()
 
 
-def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scales).T`` for many rows of ``x`` (bf16), a block of weight rows at a time."""
-    out_f, in_f = q.shape
+def _scratch_rows(out_f: int, in_f: int) -> tuple[int, torch.Tensor]:
+    """Rows per block (a multiple of 64) and this thread's bf16 scratch, big enough for one block."""
     rows = max(64, _SCRATCH_ELEMS // in_f // 64 * 64)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < rows * in_f:
         # a normal tensor, not an inference one: it is rewritten in and outside inference mode
         with torch.inference_mode(False):
             buf = _scratch.buf = torch.empty(rows * in_f, dtype=torch.bfloat16)
+    return rows, buf
+
+
+def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scales).T`` for many rows of ``x`` (bf16), a block of weight rows at a time."""
+    out_f, in_f = q.shape
+    rows, buf = _scratch_rows(out_f, in_f)
     parts = []
     for start in range(0, out_f, rows):
         block = q[start : start + rows]
@@ -134,6 +144,50 @@ def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor
         w.copy_(block)
         parts.append(F.linear(x, w))
     return torch.cat(parts, dim=-1).mul_(scales)
+
+
+def _unpack_int4(out: torch.Tensor, packed: torch.Tensor, block: int) -> None:
+    """Write the 0..15 codes of ``packed`` rows ([R, K/2] uint8, torch's CPU int4 layout) into
+    ``out`` [R, K]: each block of ``block`` rows is stored as [K, block/2] bytes, the low nibble
+    holding row j and the high nibble row j + block/2."""
+    r, k = out.shape
+    v = packed.view(r // block, k, block // 2)
+    o = out.view(r // block, block, k)
+    o[:, : block // 2].copy_((v & 15).transpose(1, 2))
+    o[:, block // 2 :].copy_((v >> 4).transpose(1, 2))
+
+
+@functools.cache
+def int4_pack_block() -> int | None:
+    """Rows per block of torch's CPU int4 packing on this CPU (64 with AVX-512, 32 with AVX2), found
+    once by packing known codes and reading them back; None when neither layout matches."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=gen)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
+    for block in (64, 32):
+        out = torch.empty_like(codes)
+        _unpack_int4(out, packed, block)
+        if torch.equal(out, codes):
+            return block
+    return None
+
+
+def int4_matmul_blockwise(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int
+) -> torch.Tensor:
+    """``x`` (bf16) times the int4 weight (``(q - 8) * scale + zero`` per group), block-wise."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    rows, buf = _scratch_rows(out_f, in_f)
+    scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
+    parts = []
+    for start in range(0, out_f, rows):
+        n = min(rows, out_f - start)
+        w = buf[: n * in_f].view(n, in_f)
+        _unpack_int4(w, packed[start : start + n], block)
+        groups = w.view(n, in_f // group_size, group_size)
+        groups.sub_(8).mul_(scales[start : start + n, :, None]).add_(zeros[start : start + n, :, None])
+        parts.append(F.linear(x, w))
+    return torch.cat(parts, dim=-1)
 
 
 class Int8WeightOnlyLinear(_QuantLinearBase):
@@ -160,7 +214,9 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
-    """Group-wise asymmetric int4 weights packed for ``_weight_int4pack_mm_for_cpu``."""
+    """Group-wise asymmetric int4 weights packed for ``_weight_int4pack_mm_for_cpu`` (for bf16
+    prompts of ``INT4_DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs with native bf16 GEMMs, via
+    ``int4_matmul_blockwise``)."""
 
     bits = 4
 
@@ -183,6 +239,11 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
+        if x2.shape[0] >= INT4_DEQUANT_GEMM_MIN_TOKENS and self.dtype == torch.bfloat16 and _BF16_GEMM:
+            block = int4_pack_block()
+            if block and self.out_features % block == 0:
+                y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
+                return self._finish(y, x.shape, x.dtype)
         y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)
 
