@@ -109,6 +109,8 @@ class _QuantLinearBase(nn.Module):
 # kernel wins (15 vs 18 ms).
 DEQUANT_GEMM_MIN_TOKENS = 32
 INT4_DEQUANT_GEMM_MIN_TOKENS = 256
+# Output rows per block of torch's CPU int4 packing: 64 with AVX-512, 32 with AVX2.
+INT4_PACK_BLOCKS = (64, 32)
 _SCRATCH_ELEMS = 1 << 22  # 8 MB of bf16: one block stays in cache between its conversion and GEMM
 _scratch = threading.local()  # one scratch per thread: two runtimes may prefill at once
 
@@ -120,6 +122,11 @@ def bf16_gemm_is_fast() -> bool:
 
 
 _BF16_GEMM = bf16_gemm_is_fast()
+
+
+def _blockwise(x2: torch.Tensor, min_tokens: int, dtype: torch.dtype) -> bool:
+    """Whether a prompt of ``x2.shape[0]`` tokens takes the block-wise bf16 GEMM path."""
+    return x2.shape[0] >= min_tokens and dtype == torch.bfloat16 and _BF16_GEMM
 
 
 def _scratch_rows(out_f: int, in_f: int) -> tuple[int, torch.Tensor]:
@@ -164,7 +171,7 @@ def int4_pack_block() -> int | None:
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=gen)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)
-    for block in (64, 32):
+    for block in INT4_PACK_BLOCKS:
         out = torch.empty_like(codes)
         _unpack_int4(out, packed, block)
         if torch.equal(out, codes):
@@ -206,7 +213,7 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
-        if x2.shape[0] >= DEQUANT_GEMM_MIN_TOKENS and self.dtype == torch.bfloat16 and _BF16_GEMM:
+        if _blockwise(x2, DEQUANT_GEMM_MIN_TOKENS, self.dtype):
             y = int8_matmul_blockwise(x2, self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -239,7 +246,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
-        if x2.shape[0] >= INT4_DEQUANT_GEMM_MIN_TOKENS and self.dtype == torch.bfloat16 and _BF16_GEMM:
+        if _blockwise(x2, INT4_DEQUANT_GEMM_MIN_TOKENS, self.dtype):
             block = int4_pack_block()
             if block and self.out_features % block == 0:
                 y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)

@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_quant import bf16_gemm_is_fast
+from .cpu_quant import INT4_PACK_BLOCKS, bf16_gemm_is_fast
 from .errors import ContextOverflowError
 from .kvcache import KVCache
 
 _TYPES = {"llama", "mistral"}
-# Output channels per block of torch's CPU int4 packing: 64 with AVX-512, 32 with AVX2.
-_INT4_PACK_BLOCK = 64
 
 
 def unsupported_reason(model) -> str | None:
@@ -236,7 +234,8 @@ def _fuse_quantized(linears: list):
             return None
         if lin.weight.device.type != "cpu":
             return None
-        if kind is Int4WeightOnlyLinear and lin.out_features % _INT4_PACK_BLOCK:
+        # a whole number of the largest block is whole in every layout
+        if kind is Int4WeightOnlyLinear and lin.out_features % max(INT4_PACK_BLOCKS):
             return None
     out_f = sum(lin.out_features for lin in linears)
     if kind is Int8WeightOnlyLinear:
