@@ -54,3 +54,16 @@ def smollm2_runtime(smollm2):
     import zlocal
 
     return zlocal.load(str(smollm2), plan=None, dtype="float32", max_context=2048)
+
+
+@pytest.fixture(params=["torch", "zlocal"])
+def int4_layout(request, monkeypatch):
+    """Run an int4 test with torch's CPU kernel and with zlocal's own (where this CPU runs it)."""
+    from zlocal import cpu_kernels, cpu_quant
+
+    if request.param == "zlocal":
+        if cpu_kernels.int4_kernel() is None:
+            pytest.skip(f"needs zlocal's AVX-512 BF16 int4 kernel: {cpu_kernels.kernel_status()['int4']}")
+    else:
+        monkeypatch.setattr(cpu_quant, "int4_layout", lambda *shape: "torch")
+    return request.param

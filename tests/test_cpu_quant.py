@@ -106,8 +106,8 @@ def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, mo
 
 
 @pytest.mark.parametrize("out_f", [320, 64])
-def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, monkeypatch):
-    from zlocal import cpu_quant
+def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, int4_layout, monkeypatch):
+    from zlocal import cpu_kernels, cpu_quant
 
     block = cpu_quant.int4_pack_block()
     assert block in (64, 32)  # torch's CPU int4 layout was read back from known codes
@@ -115,12 +115,17 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, monkeypat
     torch.manual_seed(0)
     w = torch.randn(out_f, 256) * 0.05
     m = quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
+    assert m.layout == int4_layout
     q, sz = quantize_int4(w, 64)
     deq = _dequant_int4(q, sz.to(torch.bfloat16).float(), 64)
     x = torch.randn(40, 256).to(torch.bfloat16)
     exact = x.float() @ deq.t()
-    y = cpu_quant.int4_matmul_blockwise(x, m.weight, m.scales_and_zeros, 64, block)
-    kernel = torch._weight_int4pack_mm_for_cpu(x, m.weight, 64, m.scales_and_zeros)
+    if int4_layout == "zlocal":
+        y = cpu_quant.int4_matmul_blockwise(x, m.weight, m.scales_and_zeros, 64, None)
+        kernel = cpu_kernels.int4_kernel().mm(x, m.weight, m.scales_and_zeros, 64)
+    else:
+        y = cpu_quant.int4_matmul_blockwise(x, m.weight, m.scales_and_zeros, 64, block)
+        kernel = torch._weight_int4pack_mm_for_cpu(x, m.weight, 64, m.scales_and_zeros)
     assert y.shape == kernel.shape == (40, out_f)
     err = ((y.float() - exact).norm() / exact.norm()).item()
     kernel_err = ((kernel.float() - exact).norm() / exact.norm()).item()
@@ -129,19 +134,22 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [255, 256])
-def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(dtype, tokens, monkeypatch):
+def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(dtype, tokens, int4_layout, monkeypatch):
     from zlocal import cpu_quant
 
     calls = []
     real = cpu_quant.int4_matmul_blockwise
     monkeypatch.setattr(cpu_quant, "_BF16_GEMM", True)
     monkeypatch.setattr(cpu_quant, "int4_matmul_blockwise", lambda *a: calls.append(1) or real(*a))
-    m = quantize_linear(torch.randn(64, 128), None, 4, dtype, group_size=64)
+    w = torch.randn(64, 128)
+    m = quantize_linear(w, None, 4, dtype, group_size=64)
+    assert m.layout == (int4_layout if dtype == torch.bfloat16 else "torch")
     x = torch.randn(1, tokens, 128).to(dtype)
     y = m(x)
     assert y.shape == (1, tokens, 64)
     assert bool(calls) == (dtype == torch.bfloat16 and tokens >= cpu_quant.INT4_DEQUANT_GEMM_MIN_TOKENS)
-    ref = torch._weight_int4pack_mm_for_cpu(x.reshape(tokens, 128), m.weight, 64, m.scales_and_zeros)
+    q, sz = quantize_int4(w, 64)
+    ref = x.reshape(tokens, 128).float() @ _dequant_int4(q, sz.to(dtype).float(), 64).t()
     assert ((y.reshape(tokens, 64).float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zlocal
-from zlocal import fastpath
+from zlocal import cpu_kernels, fastpath
 from zlocal.cpu_quant import quantized_bytes
 from zlocal.fastpath import unsupported_reason
 from zlocal.memory import ModelShape, estimate
@@ -170,21 +170,26 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
         e.fast = saved
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt):
+@pytest.mark.parametrize(
+    "fmt,dtype", [("int8", "float32"), ("int4", "float32"), ("int4", "bfloat16")]
+)
+def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     from zlocal.bench import cpu_plan
     from zlocal.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
-    plan = cpu_plan(str(tiny_zephyr), fmt, dtype="float32", max_context=256)
-    rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype="float32", max_context=256)
+    plan = cpu_plan(str(tiny_zephyr), fmt, dtype=dtype, max_context=256)
+    rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype=dtype, max_context=256)
     kind = Int8WeightOnlyLinear if fmt == "int8" else Int4WeightOnlyLinear
     # the fast path keeps bound forward methods of the (fused) modules
     qkv, gate_up = (getattr(p, "__self__", p) for p in (rt.engine.fast.layers[0][i] for i in (2, 7)))
     assert type(gate_up) is kind  # one kernel call for gate/up (128 rows each)
     mlp = rt.model.model.layers[0].mlp
     assert mlp.gate_proj.weight.data_ptr() == gate_up.weight.data_ptr()  # views, not copies
-    # k/v have 32 rows: int8 fuses them, int4 cannot (its packing interleaves blocks of 64 rows)
-    assert (type(qkv) is kind) == (fmt == "int8")
+    # k/v have 32 rows: int8 fuses them; int4 only in zlocal's layout (4-row tiles; torch's
+    # interleaves blocks of 64 rows). fp32 layers always use torch's kernel.
+    zlocal_layout = getattr(gate_up, "layout", None) == "zlocal"
+    assert zlocal_layout == (fmt == "int4" and dtype == "bfloat16" and cpu_kernels.int4_kernel() is not None)
+    assert (type(qkv) is kind) == (fmt == "int8" or zlocal_layout)
     # both plans run the output layer on the int8 kernel, on both paths
     assert plan.head_format == "int8" and type(rt.model.lm_head) is Int8WeightOnlyLinear
     assert rt.engine.fast.lm_head is rt.model.lm_head

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .errors import InvalidArgumentError
 
 # innerKTiles of the CPU int4 packing; the kernel requires out_features % 16 == 0.
@@ -179,10 +180,22 @@ def int4_pack_block() -> int | None:
     return None
 
 
+def int4_layout(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> str:
+    """How an int4 weight is packed here: ``"zlocal"`` (``cpu_kernels``' layout, when its kernel
+    runs on this CPU and fits the shape; it takes bf16 activations) or ``"torch"``
+    (``_convert_weight_to_int4pack_for_cpu``)."""
+    if dtype != torch.bfloat16 or not cpu_kernels.supports(out_features, in_features, group_size):
+        return "torch"
+    if cpu_kernels.int4_kernel():
+        return "zlocal"
+    return "torch"
+
+
 def int4_matmul_blockwise(
-    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int | None
 ) -> torch.Tensor:
-    """``x`` (bf16) times the int4 weight (``(q - 8) * scale + zero`` per group), block-wise."""
+    """``x`` (bf16) times the int4 weight (``(q - 8) * scale + zero`` per group), block-wise.
+    ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     rows, buf = _scratch_rows(out_f, in_f)
     scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
@@ -190,7 +203,10 @@ def int4_matmul_blockwise(
     for start in range(0, out_f, rows):
         n = min(rows, out_f - start)
         w = buf[: n * in_f].view(n, in_f)
-        _unpack_int4(w, packed[start : start + n], block)
+        if block is None:
+            cpu_kernels.unpack_int4(w, packed[start : start + n])
+        else:
+            _unpack_int4(w, packed[start : start + n], block)
         groups = w.view(n, in_f // group_size, group_size)
         groups.sub_(8).mul_(scales[start : start + n, :, None]).add_(zeros[start : start + n, :, None])
         parts.append(F.linear(x, w))
@@ -221,9 +237,10 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
-    """Group-wise asymmetric int4 weights packed for ``_weight_int4pack_mm_for_cpu`` (for bf16
-    prompts of ``INT4_DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs with native bf16 GEMMs, via
-    ``int4_matmul_blockwise``)."""
+    """Group-wise asymmetric int4 weights. Where zlocal's own kernel runs (``cpu_kernels``: AVX-512
+    BF16, bf16 activations) they are packed in its layout; otherwise for torch's
+    ``_weight_int4pack_mm_for_cpu``. bf16 prompts of ``INT4_DEQUANT_GEMM_MIN_TOKENS`` tokens or more
+    on CPUs with native bf16 GEMMs go through ``int4_matmul_blockwise``."""
 
     bits = 4
 
@@ -238,6 +255,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
+        self.layout = int4_layout(out_features, in_features, group_size, dtype)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer(
             "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype)
@@ -246,16 +264,25 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
+        ours = self.layout == "zlocal"
         if _blockwise(x2, INT4_DEQUANT_GEMM_MIN_TOKENS, self.dtype):
-            block = int4_pack_block()
-            if block and self.out_features % block == 0:
+            block = None if ours else int4_pack_block()
+            if ours or (block and self.out_features % block == 0):
                 y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
                 return self._finish(y, x.shape, x.dtype)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        if ours:
+            y = cpu_kernels.int4_kernel().mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)
 
+    @property
+    def row_block(self) -> int:
+        """Output rows the packing interleaves: int4 weights only split or join at multiples."""
+        return cpu_kernels.TILE_ROWS if self.layout == "zlocal" else max(INT4_PACK_BLOCKS)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
 
 
 def quantized_tensors(weight: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 128) -> dict:
@@ -266,6 +293,8 @@ def quantized_tensors(weight: torch.Tensor, bits: int, dtype: torch.dtype, group
     if bits == 4:
         g = int4_group_size(weight.shape[1], group_size)
         q, sz = quantize_int4(weight, g)
+        if int4_layout(weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
+            return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz.to(dtype)}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         return {"weight": packed, "scales_and_zeros": sz.to(dtype)}
     raise InvalidArgumentError(f"CPU weight-only kernels support 4 or 8 bits, not {bits}")

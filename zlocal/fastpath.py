@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_quant import INT4_PACK_BLOCKS, bf16_gemm_is_fast
+from .cpu_quant import bf16_gemm_is_fast
 from .errors import ContextOverflowError
 from .kvcache import KVCache
 
@@ -215,10 +215,10 @@ def _fuse_quantized(linears: list):
 
     Both kernels compute each output channel from its own rows of the packed weight (and its own
     scales), so concatenating along the output dimension gives bit-identical results with one
-    kernel call instead of several. The int4 packing interleaves output channels in blocks of 64
-    (AVX-512) or 32 (AVX2), so int4 parts are only joined when each is a whole number of 64-row
-    blocks. The originals are re-pointed at views of the fused weight, so memory is not doubled;
-    their small scale tensors stay separate copies.
+    kernel call instead of several. The int4 packings interleave output channels in blocks (torch's:
+    64 rows with AVX-512, 32 with AVX2; zlocal's: 4), so int4 parts are only joined when each is a
+    whole number of blocks (``row_block``). The originals are re-pointed at views of the fused
+    weight, so memory is not doubled; their small scale tensors stay separate copies.
     """
     from .cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
@@ -234,8 +234,7 @@ def _fuse_quantized(linears: list):
             return None
         if lin.weight.device.type != "cpu":
             return None
-        # a whole number of the largest block is whole in every layout
-        if kind is Int4WeightOnlyLinear and lin.out_features % max(INT4_PACK_BLOCKS):
+        if kind is Int4WeightOnlyLinear and (lin.layout != first.layout or lin.out_features % lin.row_block):
             return None
     out_f = sum(lin.out_features for lin in linears)
     if kind is Int8WeightOnlyLinear:
@@ -243,6 +242,8 @@ def _fuse_quantized(linears: list):
         fused.scales = torch.cat([lin.scales for lin in linears])
     else:
         fused = Int4WeightOnlyLinear(first.in_features, out_f, False, first.dtype, first.group_size)
+        if fused.layout != first.layout:
+            return None
         fused.scales_and_zeros = torch.cat([lin.scales_and_zeros for lin in linears], dim=1).contiguous()
     fused.weight = torch.cat([lin.weight for lin in linears])
     start = 0

@@ -1,0 +1,150 @@
+"""zlocal's own int4 CPU kernel: its layout, its results against a float reference, the fallbacks
+when it cannot run, and the build cache."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from zlocal import cpu_kernels, cpu_quant
+
+
+def _kernel():
+    kernel = cpu_kernels.int4_kernel()
+    if kernel is None:
+        pytest.skip(f"needs zlocal's AVX-512 BF16 int4 kernel: {cpu_kernels.kernel_status()['int4']}")
+    return kernel
+
+
+def test_packing_layout_and_round_trip():
+    codes = torch.randint(0, 16, (8, 128))
+    packed = cpu_kernels.pack_int4(codes)
+    assert packed.shape == (8, 64) and packed.dtype == torch.uint8
+    # tile 1 (rows 4..7), chunk 1 (codes 64..127), row 2 of the tile (row 6), byte 5
+    byte = packed.reshape(2, 2, 4, 32)[1, 1, 2, 5].item()
+    assert byte == codes[6, 64 + 5].item() | codes[6, 64 + 32 + 5].item() << 4
+    out = torch.empty_like(codes)
+    cpu_kernels.unpack_int4(out, packed)
+    assert torch.equal(out, codes)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_float_reference(group, tokens, threads):
+    kernel = _kernel()
+    gen = torch.Generator().manual_seed(group * 100 + tokens)
+    n, k = 4 * 37, 512  # a tile count that does not split evenly between threads
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    sz = (torch.rand(k // group, n, 2, generator=gen) * 0.2 - 0.1).to(torch.bfloat16)
+    x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
+    exact = x.float() @ cpu_kernels.dequantize_int4(codes, sz, group).t()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernel.mm(x, cpu_kernels.pack_int4(codes), sz, group)
+    finally:
+        torch.set_num_threads(saved)
+    assert y.shape == (tokens, n) and y.dtype == torch.bfloat16
+    # products of bf16 values are exact in fp32; what is left is fp32 summation and bf16 rounding
+    bound = exact.abs() * 2**-8 + 1e-4 * exact.abs().max()
+    assert ((y.float() - exact).abs() <= bound).all()
+
+
+def test_module_with_zlocal_layout_tracks_torch_kernel(monkeypatch):
+    _kernel()
+    torch.manual_seed(0)
+    w = torch.randn(96, 576) * 0.05
+    ours = cpu_quant.quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
+    monkeypatch.setattr(cpu_quant, "int4_layout", lambda *shape: "torch")
+    theirs = cpu_quant.quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
+    assert (ours.layout, theirs.layout) == ("zlocal", "torch")
+    assert ours.row_block == 4 and theirs.row_block == 64
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 576).to(torch.bfloat16)
+        a, b = ours(x).float(), theirs(x).float()
+        assert ((a - b).norm() / b.norm()).item() < 5e-3
+
+
+def test_float32_layers_keep_torch_layout():
+    m = cpu_quant.quantize_linear(torch.randn(64, 128), None, 4, torch.float32, group_size=64)
+    assert m.layout == "torch"
+
+
+def test_shapes_outside_the_layout_use_torch():
+    assert cpu_kernels.supports(4096, 14336, 128) and cpu_kernels.supports(192, 576, 32)
+    assert not cpu_kernels.supports(4096, 4096 + 32, 32)  # in_features not whole 64-code chunks
+    assert not cpu_kernels.supports(4096, 4096, 96)  # group not 32 or a multiple of 64
+    assert not cpu_kernels.supports(4098, 4096, 128)  # a partial 4-row tile
+
+
+@pytest.mark.parametrize(
+    "setup,reason",
+    [
+        (lambda mp: mp.setenv("ZLOCAL_CPU_KERNELS", "0"), "disabled by ZLOCAL_CPU_KERNELS=0"),
+        (lambda mp: mp.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "avx512f"}), "CPU lacks avx512bw"),
+        (lambda mp: mp.setattr(cpu_kernels, "_compiler", lambda: None), "no C compiler"),
+    ],
+)
+def test_falls_back_to_torch_with_a_reason(setup, reason, monkeypatch, tmp_path):
+    monkeypatch.setenv("ZLOCAL_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels.REQUIRED_CPU_FLAGS))
+    setup(monkeypatch)
+    monkeypatch.setattr(cpu_kernels, "_status", {})
+    assert cpu_kernels.int4_kernel.__wrapped__() is None
+    assert cpu_kernels._status["int4"].startswith("torch's kernel: " + reason)
+
+
+def test_a_failing_compiler_falls_back_and_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZLOCAL_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(cpu_kernels.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "false")  # exits 1, prints nothing
+    monkeypatch.setattr(cpu_kernels, "_status", {})
+    assert cpu_kernels.int4_kernel.__wrapped__() is None
+    assert cpu_kernels._status["int4"].startswith("torch's kernel: build failed: false failed")
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
+    kernel = _kernel()
+    monkeypatch.setenv("ZLOCAL_HOME", str(tmp_path))
+    cc = cpu_kernels._compiler()
+    first = cpu_kernels._build(cc)
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    assert first.name == kernel.path.name  # the key is the source, flags and compiler
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cpu_kernels._build(cc) == first  # same source and flags: the cached library
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", [*cpu_kernels.CFLAGS, "-DZLOCAL_TEST"])
+    with pytest.raises(AssertionError, match="compiled again"):
+        cpu_kernels._build(cc)
+
+
+def test_a_wrong_kernel_fails_its_self_check():
+    kernel = _kernel()
+
+    class Off:
+        path = kernel.path
+
+        def mm(self, x, packed, sz, group):
+            y = kernel.mm(x, packed, sz, group).float()
+            return (y * 1.05).to(torch.bfloat16)  # 5% off: far beyond bf16 rounding
+
+    assert "self-check error" in cpu_kernels._self_check(Off())
+    assert cpu_kernels._self_check(kernel) is None
+
+
+def test_profile_reports_which_int4_kernel_runs():
+    from zlocal.hardware import profile_machine
+
+    kernels = profile_machine(measure_bandwidth=False).kernels
+    assert kernels["zlocal_int4_cpu"] == (cpu_kernels.int4_kernel() is not None)

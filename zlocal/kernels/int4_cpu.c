@@ -1,0 +1,142 @@
+/* zlocal's int4 matrix-vector kernel for x86 CPUs with AVX-512 BF16 (compiled on first use by
+ * zlocal/cpu_kernels.py, which also checks its results before any model uses it).
+ *
+ * Why: decode reads every weight once per token, so it is bound by memory bandwidth. torch's
+ * _weight_int4pack_mm_for_cpu streams its weights at about 20 GB/s on a 2-core AVX-512 VM whose RAM
+ * gives 30 GB/s; this kernel reads one sequential stream per thread, prefetches it, and does the
+ * work in bf16 dot products (vdpbf16ps), which keeps it under the memory time.
+ *
+ * Weight layout: tiles of 4 output rows. Tile t holds rows 4t..4t+3 as [K/64][4][32] bytes; in the
+ * 32 bytes of (chunk c, row r), byte j holds code 64c+j in its low nibble and 64c+32+j in its high
+ * nibble. The codes 0..15 dequantize as (q - 8) * scale + zero per group of G inputs (torch's
+ * convention), with scales_and_zeros in torch's [K/G][N][2] bf16 layout.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ROWS 4             /* output rows per tile */
+#define PREFETCH 512       /* bytes ahead in the tile's stream (measured best of 256..2048) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* bf16 of 0..15, twice: vpermw reads the low 5 bits of each word, so a word holding a whole byte
+   (or a byte shifted right by 4) indexes the right value without masking */
+#define BF16_CODES _mm512_set_epi16( \
+    0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, \
+    0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, \
+    0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, \
+    0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000)
+
+/* The 64 codes of one chunk of row r, as bf16: low half (codes 0..31) and high half (32..63). */
+#define DECODE(chunk, r, w_lo, w_hi)                                                                \
+    __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)((chunk) + (r) * 32))); \
+    __m512i w_lo = _mm512_permutexvar_epi16(bytes, table);                                          \
+    __m512i w_hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table)
+
+static inline void prefetch_chunk(const uint8_t *chunk) {
+    for (int b = 0; b < ROWS * 32; b += 64) _mm_prefetch((const char *)(chunk + PREFETCH + b), _MM_HINT_T0);
+}
+
+/* One tile (ROWS output rows) for one row of x, groups of 64 or more codes. */
+static void tile_dot(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
+                     uint16_t *y, int n, int N, int K, int G) {
+    const __m512i table = BF16_CODES;
+    const int groups = K / G;
+    __m512 total[ROWS];
+    float offset[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        total[r] = _mm512_setzero_ps();
+        offset[r] = 0.f;
+    }
+    for (int g = 0; g < groups; g++) {
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int k = g * G; k < (g + 1) * G; k += 64) {
+            const uint8_t *chunk = tile + (size_t)(k / 64) * (ROWS * 32);
+            prefetch_chunk(chunk);
+            __m512bh x_lo = (__m512bh)_mm512_loadu_si512(x + k);
+            __m512bh x_hi = (__m512bh)_mm512_loadu_si512(x + k + 32);
+            for (int r = 0; r < ROWS; r++) {
+                DECODE(chunk, r, w_lo, w_hi);
+                acc[r] = _mm512_dpbf16_ps(acc[r], x_lo, (__m512bh)w_lo);
+                acc[r] = _mm512_dpbf16_ps(acc[r], x_hi, (__m512bh)w_hi);
+            }
+        }
+        const uint16_t *p = sz + ((size_t)g * N + n) * 2;
+        for (int r = 0; r < ROWS; r++) {
+            float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
+            total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(scale), total[r]);
+            offset[r] += (zero - 8.f * scale) * xsum[g];
+        }
+    }
+    for (int r = 0; r < ROWS; r++) y[n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[r]) + offset[r]);
+}
+
+/* The same for groups of 32: the two halves of each chunk are two groups. */
+static void tile_dot_g32(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
+                         uint16_t *y, int n, int N, int K) {
+    const __m512i table = BF16_CODES;
+    __m512 total[ROWS];
+    float offset[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        total[r] = _mm512_setzero_ps();
+        offset[r] = 0.f;
+    }
+    for (int k = 0; k < K; k += 64) {
+        const uint8_t *chunk = tile + (size_t)(k / 64) * (ROWS * 32);
+        prefetch_chunk(chunk);
+        __m512bh x_lo = (__m512bh)_mm512_loadu_si512(x + k);
+        __m512bh x_hi = (__m512bh)_mm512_loadu_si512(x + k + 32);
+        const int g = k / 32;
+        const uint16_t *p_lo = sz + ((size_t)g * N + n) * 2, *p_hi = p_lo + (size_t)N * 2;
+        for (int r = 0; r < ROWS; r++) {
+            DECODE(chunk, r, w_lo, w_hi);
+            __m512 a_lo = _mm512_dpbf16_ps(_mm512_setzero_ps(), x_lo, (__m512bh)w_lo);
+            __m512 a_hi = _mm512_dpbf16_ps(_mm512_setzero_ps(), x_hi, (__m512bh)w_hi);
+            float s_lo = bf16_to_f32(p_lo[2 * r]), s_hi = bf16_to_f32(p_hi[2 * r]);
+            total[r] = _mm512_fmadd_ps(a_lo, _mm512_set1_ps(s_lo), total[r]);
+            total[r] = _mm512_fmadd_ps(a_hi, _mm512_set1_ps(s_hi), total[r]);
+            offset[r] += (bf16_to_f32(p_lo[2 * r + 1]) - 8.f * s_lo) * xsum[g];
+            offset[r] += (bf16_to_f32(p_hi[2 * r + 1]) - 8.f * s_hi) * xsum[g + 1];
+        }
+    }
+    for (int r = 0; r < ROWS; r++) y[n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[r]) + offset[r]);
+}
+
+/* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Needs N % 4 == 0, K % 64 == 0,
+ * G == 32 or G % 64 == 0, and K % G == 0; xsum is scratch for M * K / G floats. */
+void zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, float *xsum,
+                int M, int N, int K, int G, int threads) {
+    const int groups = K / G;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int j = 0; j < G; j++) s += bf16_to_f32(x[(size_t)m * K + g * G + j]);
+            xsum[m * groups + g] = s;
+        }
+    const int tiles = N / ROWS;
+    /* static schedule: each thread reads one contiguous run of tiles, which the prefetcher follows */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
+        for (int m = 0; m < M; m++) {
+            if (G == 32)
+                tile_dot_g32(x + (size_t)m * K, tile, sz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K);
+            else
+                tile_dot(x + (size_t)m * K, tile, sz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
+        }
+    }
+}
