@@ -53,13 +53,12 @@ def test_kernel_matches_float_reference(group, tokens, threads):
     assert ((y.float() - exact).abs() <= bound).all()
 
 
-def test_module_with_zlocal_layout_tracks_torch_kernel(monkeypatch):
+def test_module_with_zlocal_layout_tracks_torch_kernel():
     _kernel()
     torch.manual_seed(0)
     w = torch.randn(96, 576) * 0.05
     ours = cpu_quant.quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
-    monkeypatch.setattr(cpu_quant, "int4_layout", lambda *shape: "torch")
-    theirs = cpu_quant.quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
+    theirs = cpu_quant.quantize_linear(w, None, 4, torch.bfloat16, group_size=64, layout="torch")
     assert (ours.layout, theirs.layout) == ("zlocal", "torch")
     assert ours.row_block == 4 and theirs.row_block == 64
     for tokens in (1, 5):
@@ -71,6 +70,8 @@ def test_module_with_zlocal_layout_tracks_torch_kernel(monkeypatch):
 def test_float32_layers_keep_torch_layout():
     m = cpu_quant.quantize_linear(torch.randn(64, 128), None, 4, torch.float32, group_size=64)
     assert m.layout == "torch"
+    with pytest.raises(cpu_quant.InvalidArgumentError, match="use 'torch'"):
+        cpu_quant.quantize_linear(torch.randn(64, 128), None, 4, torch.float32, 64, layout="zlocal")
 
 
 def test_shapes_outside_the_layout_use_torch():

@@ -191,6 +191,17 @@ def int4_layout(out_features: int, in_features: int, group_size: int, dtype: tor
     return "torch"
 
 
+def _check_layout(layout: str | None, out_f: int, in_f: int, group_size: int, dtype: torch.dtype) -> str:
+    """``layout`` if this machine can run it for the shape (None: the best one here)."""
+    best = int4_layout(out_f, in_f, group_size, dtype)
+    if layout in (None, best) or layout == "torch":
+        return best if layout is None else layout
+    raise InvalidArgumentError(
+        f"int4 layout {layout!r} cannot run a {out_f}x{in_f} {dtype} layer with group size {group_size} "
+        f"here ({cpu_kernels.kernel_status()['int4']}); use 'torch'"
+    )
+
+
 def int4_matmul_blockwise(
     x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int | None
 ) -> torch.Tensor:
@@ -251,11 +262,12 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         bias: bool = False,
         dtype=torch.bfloat16,
         group_size: int = 128,
+        layout: str | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
-        self.layout = int4_layout(out_features, in_features, group_size, dtype)
+        self.layout = _check_layout(layout, out_features, in_features, group_size, dtype)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer(
             "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype)
@@ -285,15 +297,18 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
 
 
-def quantized_tensors(weight: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 128) -> dict:
-    """Phase one for one weight: the buffers of the quantized module, ready to load."""
+def quantized_tensors(
+    weight: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 128, layout: str | None = None
+) -> dict:
+    """Phase one for one weight: the buffers of the quantized module, ready to load (int4:
+    packed in ``layout``, by default the best one this machine runs)."""
     if bits == 8:
         q, scales = quantize_int8(weight)
         return {"weight": q, "scales": scales.to(dtype)}
     if bits == 4:
         g = int4_group_size(weight.shape[1], group_size)
         q, sz = quantize_int4(weight, g)
-        if int4_layout(weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
+        if _check_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
             return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz.to(dtype)}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         return {"weight": packed, "scales_and_zeros": sz.to(dtype)}
@@ -301,23 +316,38 @@ def quantized_tensors(weight: torch.Tensor, bits: int, dtype: torch.dtype, group
 
 
 def empty_quant_linear(
-    in_features: int, out_features: int, bias: bool, *, bits: int, dtype: torch.dtype, group_size: int = 128
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    *,
+    bits: int,
+    dtype: torch.dtype,
+    group_size: int = 128,
+    layout: str | None = None,
 ) -> _QuantLinearBase:
     """An unfilled quantized module of the right shape (phase two: the swap)."""
     if bits == 8:
         return Int8WeightOnlyLinear(in_features, out_features, bias, dtype)
     return Int4WeightOnlyLinear(
-        in_features, out_features, bias, dtype, int4_group_size(in_features, group_size)
+        in_features, out_features, bias, dtype, int4_group_size(in_features, group_size), layout
     )
 
 
 def quantize_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: torch.dtype, group_size: int = 128
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    dtype: torch.dtype,
+    group_size: int = 128,
+    layout: str | None = None,
 ) -> _QuantLinearBase:
-    """Quantize one weight (out, in) and return the filled CPU module."""
+    """Quantize one weight (out, in) and return the filled CPU module (``layout``: see
+    ``quantized_tensors``)."""
     out_f, in_f = weight.shape
-    module = empty_quant_linear(in_f, out_f, bias is not None, bits=bits, dtype=dtype, group_size=group_size)
-    state = quantized_tensors(weight, bits, dtype, group_size)
+    module = empty_quant_linear(
+        in_f, out_f, bias is not None, bits=bits, dtype=dtype, group_size=group_size, layout=layout
+    )
+    state = quantized_tensors(weight, bits, dtype, group_size, layout)
     if bias is not None:
         state["bias"] = bias.detach().to(dtype)
     module.load_state_dict(state, assign=True)
