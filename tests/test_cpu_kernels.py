@@ -28,6 +28,10 @@ def test_packing_layout_and_round_trip():
     out = torch.empty_like(codes)
     cpu_kernels.unpack_int4(out, packed)
     assert torch.equal(out, codes)
+    sz = torch.randn(128 // 32, 8, 2)  # torch's [K/G, N, 2]
+    tiled = cpu_kernels.pack_scales(sz)
+    assert tiled.shape == (2, 4, 4, 2) and torch.equal(tiled[1, 3, 2], sz[3, 6])  # row 6, group 3
+    assert torch.equal(cpu_kernels.scales_by_row(tiled), sz.transpose(0, 1))
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
@@ -44,7 +48,7 @@ def test_kernel_matches_float_reference(group, tokens, threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernel.mm(x, cpu_kernels.pack_int4(codes), sz, group)
+        y = kernel.mm(x, cpu_kernels.pack_int4(codes), cpu_kernels.pack_scales(sz), group)
     finally:
         torch.set_num_threads(saved)
     assert y.shape == (tokens, n) and y.dtype == torch.bfloat16

@@ -89,7 +89,8 @@ class Int4Kernel:
         self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
 
     def mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
-        """``x`` [M, K] bf16 contiguous times the packed weight ([N, K/2] uint8) -> [M, N] bf16."""
+        """``x`` [M, K] bf16 contiguous times the packed weight ([N, K/2] uint8, ``pack_int4``;
+        scales and zeros from ``pack_scales``) -> [M, N] bf16."""
         m, k = x.shape
         n = packed.shape[0]
         y = torch.empty(m, n, dtype=torch.bfloat16)
@@ -120,6 +121,19 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return packed.transpose(1, 2).contiguous().reshape(n, k // 2)
 
 
+def pack_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """torch's [K/G, N, 2] scales and zeros -> the kernel's tiles, [N/4, K/G, 4, 2]: one sequential
+    stream per thread, like the weights."""
+    groups, n, _ = scales_and_zeros.shape
+    return scales_and_zeros.reshape(groups, n // TILE_ROWS, TILE_ROWS, 2).transpose(0, 1).contiguous()
+
+
+def scales_by_row(tiled: torch.Tensor) -> torch.Tensor:
+    """The kernel's [N/4, K/G, 4, 2] scales and zeros as a [N, K/G, 2] view-or-copy."""
+    tiles, groups, rows, _ = tiled.shape
+    return tiled.transpose(1, 2).reshape(tiles * rows, groups, 2)
+
+
 def unpack_int4(out: torch.Tensor, packed: torch.Tensor) -> None:
     """Write the codes of ``packed`` ([R, K/2], this layout, R % 4 == 0) into ``out`` [R, K]."""
     r, k = out.shape
@@ -138,7 +152,7 @@ def _self_check(kernel: Int4Kernel) -> str | None:
         sz = torch.randn(k // g, n, 2, generator=gen).to(torch.bfloat16)
         x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
         ref = x.float() @ dequantize_int4(codes, sz, g).t()
-        got = kernel.mm(x, pack_int4(codes), sz, g).float()
+        got = kernel.mm(x, pack_int4(codes), pack_scales(sz), g).float()
         err = (got - ref).abs().max().item()
         tol = 0.01 * ref.abs().max().item()  # bf16 output rounding is 0.4% of the largest value
         if not err <= tol:

@@ -209,7 +209,11 @@ def int4_matmul_blockwise(
     ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     rows, buf = _scratch_rows(out_f, in_f)
-    scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
+    if block is None:
+        by_row = cpu_kernels.scales_by_row(scales_and_zeros)
+        scales, zeros = by_row[..., 0], by_row[..., 1]
+    else:
+        scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
     parts = []
     for start in range(0, out_f, rows):
         n = min(rows, out_f - start)
@@ -269,9 +273,12 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         self.group_size = group_size
         self.layout = _check_layout(layout, out_features, in_features, group_size, dtype)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer(
-            "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype)
-        )
+        groups = in_features // group_size
+        if self.layout == "zlocal":
+            shape = (out_features // cpu_kernels.TILE_ROWS, groups, cpu_kernels.TILE_ROWS, 2)
+        else:
+            shape = (groups, out_features, 2)
+        self.register_buffer("scales_and_zeros", torch.empty(*shape, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +316,8 @@ def quantized_tensors(
         g = int4_group_size(weight.shape[1], group_size)
         q, sz = quantize_int4(weight, g)
         if _check_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
-            return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz.to(dtype)}
+            sz = cpu_kernels.pack_scales(sz.to(dtype))
+            return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         return {"weight": packed, "scales_and_zeros": sz.to(dtype)}
     raise InvalidArgumentError(f"CPU weight-only kernels support 4 or 8 bits, not {bits}")

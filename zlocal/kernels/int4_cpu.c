@@ -9,7 +9,8 @@
  * Weight layout: tiles of 4 output rows. Tile t holds rows 4t..4t+3 as [K/64][4][32] bytes; in the
  * 32 bytes of (chunk c, row r), byte j holds code 64c+j in its low nibble and 64c+32+j in its high
  * nibble. The codes 0..15 dequantize as (q - 8) * scale + zero per group of G inputs (torch's
- * convention), with scales_and_zeros in torch's [K/G][N][2] bf16 layout.
+ * convention). Scales and zeros are tiled the same way, [N/4][K/G][4][2] bf16, so each thread reads
+ * them as a second sequential stream (torch's [K/G][N][2] would be K/G streams, one per group).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -75,7 +76,7 @@ static void tile_dot(const uint16_t *x, const uint8_t *tile, const uint16_t *sz,
                 acc[r] = _mm512_dpbf16_ps(acc[r], x_hi, (__m512bh)w_hi);
             }
         }
-        const uint16_t *p = sz + ((size_t)g * N + n) * 2;
+        const uint16_t *p = sz + (size_t)g * ROWS * 2;
         for (int r = 0; r < ROWS; r++) {
             float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
             total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(scale), total[r]);
@@ -83,6 +84,53 @@ static void tile_dot(const uint16_t *x, const uint8_t *tile, const uint16_t *sz,
         }
     }
     for (int r = 0; r < ROWS; r++) y[n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[r]) + offset[r]);
+}
+
+/* MB rows of x at once (prompts): each chunk's codes are decoded once and used MB times, so prompt
+   processing costs dot products rather than decoding. Groups of 64 or more codes. */
+#define MB 4
+static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
+                          uint16_t *y, int n, int N, int K, int G) {
+    const __m512i table = BF16_CODES;
+    const int groups = K / G;
+    __m512 total[MB][ROWS];
+    float offset[MB][ROWS];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++) {
+            total[m][r] = _mm512_setzero_ps();
+            offset[m][r] = 0.f;
+        }
+    for (int g = 0; g < groups; g++) {
+        __m512 acc[MB][ROWS];
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < ROWS; r++) acc[m][r] = _mm512_setzero_ps();
+        for (int k = g * G; k < (g + 1) * G; k += 64) {
+            const uint8_t *chunk = tile + (size_t)(k / 64) * (ROWS * 32);
+            __m512bh x_lo[MB], x_hi[MB];
+            for (int m = 0; m < MB; m++) {
+                x_lo[m] = (__m512bh)_mm512_loadu_si512(x + (size_t)m * K + k);
+                x_hi[m] = (__m512bh)_mm512_loadu_si512(x + (size_t)m * K + k + 32);
+            }
+            for (int r = 0; r < ROWS; r++) {
+                DECODE(chunk, r, w_lo, w_hi);
+                for (int m = 0; m < MB; m++) {
+                    acc[m][r] = _mm512_dpbf16_ps(acc[m][r], x_lo[m], (__m512bh)w_lo);
+                    acc[m][r] = _mm512_dpbf16_ps(acc[m][r], x_hi[m], (__m512bh)w_hi);
+                }
+            }
+        }
+        const uint16_t *p = sz + (size_t)g * ROWS * 2;
+        for (int r = 0; r < ROWS; r++) {
+            float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
+            for (int m = 0; m < MB; m++) {
+                total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(scale), total[m][r]);
+                offset[m][r] += (zero - 8.f * scale) * xsum[m * groups + g];
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++)
+            y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[m][r]) + offset[m][r]);
 }
 
 /* The same for groups of 32: the two halves of each chunk are two groups. */
@@ -101,7 +149,7 @@ static void tile_dot_g32(const uint16_t *x, const uint8_t *tile, const uint16_t 
         __m512bh x_lo = (__m512bh)_mm512_loadu_si512(x + k);
         __m512bh x_hi = (__m512bh)_mm512_loadu_si512(x + k + 32);
         const int g = k / 32;
-        const uint16_t *p_lo = sz + ((size_t)g * N + n) * 2, *p_hi = p_lo + (size_t)N * 2;
+        const uint16_t *p_lo = sz + (size_t)g * ROWS * 2, *p_hi = p_lo + ROWS * 2;
         for (int r = 0; r < ROWS; r++) {
             DECODE(chunk, r, w_lo, w_hi);
             __m512 a_lo = _mm512_dpbf16_ps(_mm512_setzero_ps(), x_lo, (__m512bh)w_lo);
@@ -132,11 +180,16 @@ void zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t++) {
         const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
-        for (int m = 0; m < M; m++) {
+        const uint16_t *tsz = sz + (size_t)t * groups * ROWS * 2;
+        int m = 0;
+        if (G != 32)
+            for (; m + MB <= M; m += MB)
+                tile_dot_rows(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
+        for (; m < M; m++) {
             if (G == 32)
-                tile_dot_g32(x + (size_t)m * K, tile, sz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K);
+                tile_dot_g32(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K);
             else
-                tile_dot(x + (size_t)m * K, tile, sz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
+                tile_dot(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
         }
     }
 }
