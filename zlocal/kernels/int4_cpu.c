@@ -53,7 +53,7 @@ static inline void prefetch_chunk(const uint8_t *chunk) {
 
 /* One tile (ROWS output rows) for one row of x, groups of 64 or more codes. */
 static void tile_dot(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
-                     uint16_t *y, int n, int N, int K, int G) {
+                     uint16_t *y, int n, int K, int G) {
     const __m512i table = BF16_CODES;
     const int groups = K / G;
     __m512 total[ROWS];
@@ -133,9 +133,48 @@ static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const uint16_t
             y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[m][r]) + offset[m][r]);
 }
 
+/* tile_dot_rows for groups of 32: each half of a chunk is a group of its own. */
+static void tile_dot_rows_g32(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
+                              uint16_t *y, int n, int N, int K) {
+    const __m512i table = BF16_CODES;
+    const int groups = K / 32;
+    __m512 total[MB][ROWS];
+    float offset[MB][ROWS];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++) {
+            total[m][r] = _mm512_setzero_ps();
+            offset[m][r] = 0.f;
+        }
+    for (int k = 0; k < K; k += 64) {
+        const uint8_t *chunk = tile + (size_t)(k / 64) * (ROWS * 32);
+        for (int h = 0; h < 2; h++) {
+            const int g = k / 32 + h;
+            __m512 acc[MB][ROWS];
+            __m512bh xh[MB];
+            for (int m = 0; m < MB; m++) xh[m] = (__m512bh)_mm512_loadu_si512(x + (size_t)m * K + k + 32 * h);
+            for (int r = 0; r < ROWS; r++) {
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(chunk + r * 32)));
+                __m512i wv = _mm512_permutexvar_epi16(h ? _mm512_srli_epi16(bytes, 4) : bytes, table);
+                for (int m = 0; m < MB; m++) acc[m][r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), xh[m], (__m512bh)wv);
+            }
+            const uint16_t *p = sz + (size_t)g * ROWS * 2;
+            for (int r = 0; r < ROWS; r++) {
+                float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
+                for (int m = 0; m < MB; m++) {
+                    total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(scale), total[m][r]);
+                    offset[m][r] += (zero - 8.f * scale) * xsum[m * groups + g];
+                }
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++)
+            y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[m][r]) + offset[m][r]);
+}
+
 /* The same for groups of 32: the two halves of each chunk are two groups. */
 static void tile_dot_g32(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
-                         uint16_t *y, int n, int N, int K) {
+                         uint16_t *y, int n, int K) {
     const __m512i table = BF16_CODES;
     __m512 total[ROWS];
     float offset[ROWS];
@@ -182,14 +221,17 @@ void zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
         const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
         const uint16_t *tsz = sz + (size_t)t * groups * ROWS * 2;
         int m = 0;
-        if (G != 32)
-            for (; m + MB <= M; m += MB)
+        for (; m + MB <= M; m += MB) {
+            if (G == 32)
+                tile_dot_rows_g32(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K);
+            else
                 tile_dot_rows(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
+        }
         for (; m < M; m++) {
             if (G == 32)
-                tile_dot_g32(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K);
+                tile_dot_g32(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, K);
             else
-                tile_dot(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, N, K, G);
+                tile_dot(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, K, G);
         }
     }
 }
