@@ -18,6 +18,17 @@ def _kernel():
     return kernel
 
 
+def test_kernel_runs_where_the_cpu_supports_it():
+    # the tests below skip without the kernel; this one makes sure a broken build or self-check
+    # fails here instead of hiding behind those skips
+    missing = [f for f in cpu_kernels.REQUIRED_CPU_FLAGS if f not in cpu_kernels._cpu_flags()]
+    if missing or cpu_kernels._compiler() is None or cpu_kernels.platform.system() != "Linux":
+        pytest.skip(f"this CPU or system cannot run the kernel (missing: {missing or 'a C compiler'})")
+    if cpu_kernels.os.environ.get("ZLOCAL_CPU_KERNELS") == "0":
+        pytest.skip("ZLOCAL_CPU_KERNELS=0")
+    assert cpu_kernels.int4_kernel() is not None, cpu_kernels.kernel_status()["int4"]
+
+
 def test_packing_layout_and_round_trip():
     codes = torch.randint(0, 16, (8, 128))
     packed = cpu_kernels.pack_int4(codes)
