@@ -110,6 +110,18 @@ class _QuantLinearBase(nn.Module):
 # kernel wins (15 vs 18 ms).
 DEQUANT_GEMM_MIN_TOKENS = 32
 INT4_DEQUANT_GEMM_MIN_TOKENS = 256
+# zlocal's int4 kernel (cpu_kernels) decodes each chunk once per 4 tokens, so it stays ahead longer,
+# less so with small groups (one scaling per group and token): measured crossovers on the same VM,
+# group 32 on SmolLM2's shapes ~90 tokens, 128 on the 7B's ~200 (group 64 in between).
+ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS = {32: 96, 64: 160}  # larger groups: 192
+
+
+def int4_blockwise_min_tokens(layout: str, group_size: int) -> int:
+    """Prompt length from which an int4 layer runs block-wise on oneDNN's GEMM."""
+    if layout != "zlocal":
+        return INT4_DEQUANT_GEMM_MIN_TOKENS
+    return ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS.get(group_size, 192)
+
 # Output rows per block of torch's CPU int4 packing: 64 with AVX-512, 32 with AVX2.
 INT4_PACK_BLOCKS = (64, 32)
 _SCRATCH_ELEMS = 1 << 22  # 8 MB of bf16: one block stays in cache between its conversion and GEMM
@@ -254,7 +266,7 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
 class Int4WeightOnlyLinear(_QuantLinearBase):
     """Group-wise asymmetric int4 weights. Where zlocal's own kernel runs (``cpu_kernels``: AVX-512
     BF16, bf16 activations) they are packed in its layout; otherwise for torch's
-    ``_weight_int4pack_mm_for_cpu``. bf16 prompts of ``INT4_DEQUANT_GEMM_MIN_TOKENS`` tokens or more
+    ``_weight_int4pack_mm_for_cpu``. bf16 prompts of ``int4_blockwise_min_tokens`` tokens or more
     on CPUs with native bf16 GEMMs go through ``int4_matmul_blockwise``."""
 
     bits = 4
@@ -284,7 +296,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
         ours = self.layout == "zlocal"
-        if _blockwise(x2, INT4_DEQUANT_GEMM_MIN_TOKENS, self.dtype):
+        if _blockwise(x2, int4_blockwise_min_tokens(self.layout, self.group_size), self.dtype):
             block = None if ours else int4_pack_block()
             if ours or (block and self.out_features % block == 0):
                 y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
