@@ -86,20 +86,47 @@ static void tile_dot(const uint16_t *x, const uint8_t *tile, const uint16_t *sz,
     for (int r = 0; r < ROWS; r++) y[n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[r]) + offset[r]);
 }
 
+/* Per-(token, row) sums of the MB-token functions: the scaled group sums and the zero-point part. */
+#define MB 4
+typedef struct {
+    __m512 total[MB][ROWS];
+    float offset[MB][ROWS];
+} Sums;
+
+static inline void sums_init(Sums *s) {
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++) {
+            s->total[m][r] = _mm512_setzero_ps();
+            s->offset[m][r] = 0.f;
+        }
+}
+
+/* Add group g's dot products (acc) with its scales and zeros (p: the tile's 4 pairs for g). */
+static inline void sums_add_group(Sums *s, __m512 acc[MB][ROWS], const uint16_t *p, const float *xsum,
+                                  int groups, int g) {
+    for (int r = 0; r < ROWS; r++) {
+        float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
+        for (int m = 0; m < MB; m++) {
+            s->total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(scale), s->total[m][r]);
+            s->offset[m][r] += (zero - 8.f * scale) * xsum[m * groups + g];
+        }
+    }
+}
+
+static inline void sums_store(const Sums *s, uint16_t *y, int N, int n) {
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < ROWS; r++)
+            y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(s->total[m][r]) + s->offset[m][r]);
+}
+
 /* MB rows of x at once (prompts): each chunk's codes are decoded once and used MB times, so prompt
    processing costs dot products rather than decoding. Groups of 64 or more codes. */
-#define MB 4
 static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const uint16_t *sz, const float *xsum,
                           uint16_t *y, int n, int N, int K, int G) {
     const __m512i table = BF16_CODES;
     const int groups = K / G;
-    __m512 total[MB][ROWS];
-    float offset[MB][ROWS];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < ROWS; r++) {
-            total[m][r] = _mm512_setzero_ps();
-            offset[m][r] = 0.f;
-        }
+    Sums sums;
+    sums_init(&sums);
     for (int g = 0; g < groups; g++) {
         __m512 acc[MB][ROWS];
         for (int m = 0; m < MB; m++)
@@ -119,18 +146,9 @@ static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const uint16_t
                 }
             }
         }
-        const uint16_t *p = sz + (size_t)g * ROWS * 2;
-        for (int r = 0; r < ROWS; r++) {
-            float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
-            for (int m = 0; m < MB; m++) {
-                total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(scale), total[m][r]);
-                offset[m][r] += (zero - 8.f * scale) * xsum[m * groups + g];
-            }
-        }
+        sums_add_group(&sums, acc, sz + (size_t)g * ROWS * 2, xsum, groups, g);
     }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < ROWS; r++)
-            y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[m][r]) + offset[m][r]);
+    sums_store(&sums, y, N, n);
 }
 
 /* tile_dot_rows for groups of 32: each half of a chunk is a group of its own. */
@@ -138,13 +156,8 @@ static void tile_dot_rows_g32(const uint16_t *x, const uint8_t *tile, const uint
                               uint16_t *y, int n, int N, int K) {
     const __m512i table = BF16_CODES;
     const int groups = K / 32;
-    __m512 total[MB][ROWS];
-    float offset[MB][ROWS];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < ROWS; r++) {
-            total[m][r] = _mm512_setzero_ps();
-            offset[m][r] = 0.f;
-        }
+    Sums sums;
+    sums_init(&sums);
     for (int k = 0; k < K; k += 64) {
         const uint8_t *chunk = tile + (size_t)(k / 64) * (ROWS * 32);
         for (int h = 0; h < 2; h++) {
@@ -157,19 +170,10 @@ static void tile_dot_rows_g32(const uint16_t *x, const uint8_t *tile, const uint
                 __m512i wv = _mm512_permutexvar_epi16(h ? _mm512_srli_epi16(bytes, 4) : bytes, table);
                 for (int m = 0; m < MB; m++) acc[m][r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), xh[m], (__m512bh)wv);
             }
-            const uint16_t *p = sz + (size_t)g * ROWS * 2;
-            for (int r = 0; r < ROWS; r++) {
-                float scale = bf16_to_f32(p[2 * r]), zero = bf16_to_f32(p[2 * r + 1]);
-                for (int m = 0; m < MB; m++) {
-                    total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(scale), total[m][r]);
-                    offset[m][r] += (zero - 8.f * scale) * xsum[m * groups + g];
-                }
-            }
+            sums_add_group(&sums, acc, sz + (size_t)g * ROWS * 2, xsum, groups, g);
         }
     }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < ROWS; r++)
-            y[(size_t)m * N + n + r] = f32_to_bf16(_mm512_reduce_add_ps(total[m][r]) + offset[m][r]);
+    sums_store(&sums, y, N, n);
 }
 
 /* The same for groups of 32: the two halves of each chunk are two groups. */
