@@ -6,6 +6,9 @@ small weights directly: ``_weight_int8pack_mm`` (per-channel int8, ~5 ms) and
 ``_weight_int4pack_mm_for_cpu`` (group-wise asymmetric int4, ~4.7 ms). Decode on a CPU is bound by
 memory bandwidth, so halving or quartering the bytes read per token is what makes it usable.
 
+On x86 CPUs with AVX-512 BF16, int4 layers run on zlocal's own kernel instead (``cpu_kernels``),
+which reads its weights near memory bandwidth.
+
 Two phases, as in gpt-fast: a handler first computes the quantized tensors (``quantize``), then
 swaps ``nn.Linear`` modules for the quantized modules (``convert``). ``quantize_linear`` does both
 for one weight, which is what the streaming loader uses to keep peak memory at one tensor.
@@ -206,8 +209,10 @@ def int4_layout(out_features: int, in_features: int, group_size: int, dtype: tor
 def _check_layout(layout: str | None, out_f: int, in_f: int, group_size: int, dtype: torch.dtype) -> str:
     """``layout`` if this machine can run it for the shape (None: the best one here)."""
     best = int4_layout(out_f, in_f, group_size, dtype)
-    if layout in (None, best) or layout == "torch":
-        return best if layout is None else layout
+    if layout is None:
+        return best
+    if layout in ("torch", best):
+        return layout
     raise InvalidArgumentError(
         f"int4 layout {layout!r} cannot run a {out_f}x{in_f} {dtype} layer with group size {group_size} "
         f"here ({cpu_kernels.kernel_status()['int4']}); use 'torch'"

@@ -241,9 +241,9 @@ def _fuse_quantized(linears: list):
         fused = Int8WeightOnlyLinear(first.in_features, out_f, False, first.dtype)
         fused.scales = torch.cat([lin.scales for lin in linears])
     else:
-        fused = Int4WeightOnlyLinear(first.in_features, out_f, False, first.dtype, first.group_size)
-        if fused.layout != first.layout:
-            return None
+        fused = Int4WeightOnlyLinear(
+            first.in_features, out_f, False, first.dtype, first.group_size, first.layout
+        )
         dim = 0 if fused.layout == "zlocal" else 1  # the output rows: tiles, or torch's dim 1
         fused.scales_and_zeros = torch.cat([lin.scales_and_zeros for lin in linears], dim=dim).contiguous()
     fused.weight = torch.cat([lin.weight for lin in linears])
