@@ -85,8 +85,8 @@ class Int4Kernel:
     def __init__(self, path: Path):
         self.path = path
         self._fn = ctypes.CDLL(str(path)).zl_int4_mm
-        self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
 
     def mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
         """``x`` [M, K] bf16 contiguous times the packed weight ([N, K/2] uint8, ``pack_int4``;
@@ -94,12 +94,13 @@ class Int4Kernel:
         m, k = x.shape
         n = packed.shape[0]
         y = torch.empty(m, n, dtype=torch.bfloat16)
-        xsum = torch.empty(m * (k // group_size), dtype=torch.float32)
         # ctypes releases the GIL for the call, so two runtimes in one process can decode at once
-        self._fn(
-            x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), xsum.data_ptr(),
+        err = self._fn(
+            x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
             m, n, k, group_size, torch.get_num_threads(),
         )
+        if err:
+            raise MemoryError(f"zlocal's int4 kernel could not allocate {m * k // group_size} floats")
         return y
 
 

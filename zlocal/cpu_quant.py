@@ -289,6 +289,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
         self.layout = _check_layout(layout, out_features, in_features, group_size, dtype)
+        self._kernel = cpu_kernels.int4_kernel() if self.layout == "zlocal" else None
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         groups = in_features // group_size
         if self.layout == "zlocal":
@@ -301,13 +302,14 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
         ours = self.layout == "zlocal"
-        if _blockwise(x2, int4_blockwise_min_tokens(self.layout, self.group_size), self.dtype):
+        tokens = x2.shape[0]  # one token (decode) skips the prompt-path checks
+        if tokens > 1 and _blockwise(x2, int4_blockwise_min_tokens(self.layout, self.group_size), self.dtype):
             block = None if ours else int4_pack_block()
             if ours or (block and self.out_features % block == 0):
                 y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
                 return self._finish(y, x.shape, x.dtype)
         if ours:
-            y = cpu_kernels.int4_kernel().mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+            y = self._kernel.mm(x2, self.weight, self.scales_and_zeros, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)

@@ -14,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ROWS 4             /* output rows per tile */
@@ -208,10 +209,13 @@ static void tile_dot_g32(const uint16_t *x, const uint8_t *tile, const uint16_t 
 }
 
 /* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Needs N % 4 == 0, K % 64 == 0,
- * G == 32 or G % 64 == 0, and K % G == 0; xsum is scratch for M * K / G floats. */
-void zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, float *xsum,
-                int M, int N, int K, int G, int threads) {
+ * G == 32 or G % 64 == 0, and K % G == 0. Returns 0, or -1 when out of memory. */
+int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+               int M, int N, int K, int G, int threads) {
     const int groups = K / G;
+    float small[512];  /* group sums of x: on the stack for one token, else on the heap */
+    float *xsum = (size_t)M * groups <= 512 ? small : malloc(sizeof(float) * (size_t)M * groups);
+    if (xsum == NULL) return -1;
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
             float s = 0.f;
@@ -238,4 +242,6 @@ void zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
                 tile_dot(x + (size_t)m * K, tile, tsz, xsum + m * groups, y + (size_t)m * N, t * ROWS, K, G);
         }
     }
+    if (xsum != small) free(xsum);
+    return 0;
 }
