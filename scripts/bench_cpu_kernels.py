@@ -112,7 +112,7 @@ def bench_model(tokens: int) -> list[dict]:
 
         spec = _Spec(
             ModelShape.from_config(config),
-            _Budget(0, 0, 0.0, hw.cpu.bandwidth_gbs, hw.cpu.cores),
+            _Budget(0, 0, 0.0, hw.cpu.bandwidth_gbs, hw.cpu.cores, bool(hw.kernels.get("zlocal_int4_cpu"))),
             "bf16",
             None,
             plan.group_size,
