@@ -1,9 +1,9 @@
 """Benchmark zlocal's CPU weight-only kernels; writes JSON.
 
 1. One Linear of each Mistral-7B shape at batch 1: bf16 (``F.linear``), bf16 packed for oneDNN
-   (what the lean forward runs, where the CPU supports it), int8 (``_weight_int8pack_mm``) and int4
-   (zlocal's AVX-512 BF16 kernel where it runs, plus ``_weight_int4pack_mm_for_cpu`` as
-   "int4-torch"; elsewhere torch's as "int4"): median ms, weight bytes read, effective GB/s. bitsandbytes'
+   (what the lean forward runs, where the CPU supports it), int8 and int4 (zlocal's AVX-512 BF16
+   kernels where they run, plus ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` as
+   "int8-torch" / "int4-torch"; elsewhere PyTorch's as "int8" / "int4"): median ms, weight bytes read, effective GB/s. bitsandbytes'
    CPU path is left out on purpose (125-400 ms, see anchors).
 2. Whole-model greedy decode on SmolLM2-135M through ``zlocal.load`` with a dense bf16 plan and
    int8 / int4 quantize-on-load plans: measured tok/s next to the planner's prediction.
@@ -64,6 +64,8 @@ def bench_linears(repeats: int) -> list[dict]:
         if fastpath.packing_supported(torch.bfloat16):
             kernels["bf16-packed"] = fastpath.PackedLinear(fastpath.pack_weight(w), in_f, out_f)
         kernels["int8"] = quantize_linear(w, None, 8, torch.bfloat16)
+        if kernels["int8"].layout != "torch":  # zlocal's own kernel runs here: time torch's too
+            kernels["int8-torch"] = quantize_linear(w, None, 8, torch.bfloat16, layout="torch")
         kernels["int4"] = quantize_linear(w, None, 4, torch.bfloat16, group_size=128)
         if kernels["int4"].layout != "torch":  # zlocal's own kernel runs here: time torch's too
             kernels["int4-torch"] = quantize_linear(w, None, 4, torch.bfloat16, 128, layout="torch")

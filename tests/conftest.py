@@ -57,13 +57,15 @@ def smollm2_runtime(smollm2):
 
 
 @pytest.fixture(params=["torch", "zlocal"])
-def int4_layout(request, monkeypatch):
-    """Run an int4 test with torch's CPU kernel and with zlocal's own (where this CPU runs it)."""
+def kernel_layout(request, monkeypatch):
+    """Run an int4/int8 test with PyTorch's CPU kernels and with zlocal's own (where this CPU runs
+    them); the value is the layout the quantized modules get."""
     from zlocal import cpu_kernels, cpu_quant
 
     if request.param == "zlocal":
-        if cpu_kernels.int4_kernel() is None:
-            pytest.skip(f"needs zlocal's AVX-512 BF16 int4 kernel: {cpu_kernels.kernel_status()['int4']}")
+        if cpu_kernels.kernels() is None:
+            pytest.skip(f"needs zlocal's AVX-512 BF16 kernels: {cpu_kernels.kernel_status()}")
     else:
         monkeypatch.setattr(cpu_quant, "int4_layout", lambda *shape: "torch")
+        monkeypatch.setattr(cpu_quant, "int8_layout", lambda *shape: "torch")
     return request.param

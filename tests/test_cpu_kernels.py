@@ -1,5 +1,5 @@
-"""zlocal's own int4 CPU kernel: its layout, its results against a float reference, the fallbacks
-when it cannot run, and the build cache."""
+"""zlocal's own int4 and int8 CPU kernels: their layouts, their results against a float reference,
+the fallbacks when they cannot run, and the build cache."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from zlocal import cpu_kernels, cpu_quant
 
 
 def _kernel():
-    kernel = cpu_kernels.int4_kernel()
+    kernel = cpu_kernels.kernels()
     if kernel is None:
-        pytest.skip(f"needs zlocal's AVX-512 BF16 int4 kernel: {cpu_kernels.kernel_status()['int4']}")
+        pytest.skip(f"needs zlocal's AVX-512 BF16 kernels: {cpu_kernels.kernel_status()}")
     return kernel
 
 
@@ -26,7 +26,7 @@ def test_kernel_runs_where_the_cpu_supports_it():
         pytest.skip(f"this CPU or system cannot run the kernel (missing: {missing or 'a C compiler'})")
     if cpu_kernels.os.environ.get("ZLOCAL_CPU_KERNELS") == "0":
         pytest.skip("ZLOCAL_CPU_KERNELS=0")
-    assert cpu_kernels.int4_kernel() is not None, cpu_kernels.kernel_status()["int4"]
+    assert cpu_kernels.kernels() is not None, cpu_kernels.kernel_status()
 
 
 def test_packing_layout_and_round_trip():
@@ -59,7 +59,7 @@ def test_kernel_matches_float_reference(group, tokens, threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernel.mm(x, cpu_kernels.pack_int4(codes), cpu_kernels.pack_scales(sz), group)
+        y = kernel.int4_mm(x, cpu_kernels.pack_int4(codes), cpu_kernels.pack_scales(sz), group)
     finally:
         torch.set_num_threads(saved)
     assert y.shape == (tokens, n) and y.dtype == torch.bfloat16
@@ -111,8 +111,8 @@ def test_falls_back_to_torch_with_a_reason(setup, reason, monkeypatch, tmp_path)
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels.REQUIRED_CPU_FLAGS))
     setup(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_status", {})
-    assert cpu_kernels.int4_kernel.__wrapped__() is None
-    assert cpu_kernels._status["int4"].startswith("torch's kernel: " + reason)
+    assert cpu_kernels.kernels.__wrapped__() is None
+    assert cpu_kernels._status["cpu"].startswith("PyTorch's kernels: " + reason)
 
 
 def test_a_failing_compiler_falls_back_and_leaves_no_file(monkeypatch, tmp_path):
@@ -122,8 +122,8 @@ def test_a_failing_compiler_falls_back_and_leaves_no_file(monkeypatch, tmp_path)
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "false")  # exits 1, prints nothing
     monkeypatch.setattr(cpu_kernels, "_status", {})
-    assert cpu_kernels.int4_kernel.__wrapped__() is None
-    assert cpu_kernels._status["int4"].startswith("torch's kernel: build failed: false failed")
+    assert cpu_kernels.kernels.__wrapped__() is None
+    assert cpu_kernels._status["cpu"].startswith("PyTorch's kernels: build failed: false failed")
     assert list((tmp_path / "kernels").iterdir()) == []
 
 
@@ -145,22 +145,69 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
         cpu_kernels._build(cc)
 
 
-def test_a_wrong_kernel_fails_its_self_check():
+@pytest.mark.parametrize("which", ["int4", "int8"])
+def test_a_wrong_kernel_fails_its_self_check(which):
     kernel = _kernel()
 
     class Off:
         path = kernel.path
 
-        def mm(self, x, packed, sz, group):
-            y = kernel.mm(x, packed, sz, group).float()
-            return (y * 1.05).to(torch.bfloat16)  # 5% off: far beyond bf16 rounding
+        def int4_mm(self, *args):
+            y = kernel.int4_mm(*args).float()
+            return (y * (1.05 if which == "int4" else 1)).to(torch.bfloat16)  # 5%: far beyond rounding
 
-    assert "self-check error" in cpu_kernels._self_check(Off())
+        def int8_mm(self, *args):
+            y = kernel.int8_mm(*args).float()
+            return (y * (1.05 if which == "int8" else 1)).to(torch.bfloat16)
+
+    assert f"({which}" in cpu_kernels._self_check(Off())
     assert cpu_kernels._self_check(kernel) is None
 
 
-def test_profile_reports_which_int4_kernel_runs():
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_kernel_matches_float_reference(tokens, threads):
+    kernel = _kernel()
+    gen = torch.Generator().manual_seed(tokens)
+    n, k = 4 * 37, 576
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :64] = -128  # the extreme codes
+    q[1, :64] = 127
+    scales = (torch.rand(n, generator=gen) * 0.01).to(torch.bfloat16)
+    x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)
+    exact = (x.float() @ q.float().t()) * scales.float()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernel.int8_mm(x, cpu_kernels.pack_int8(q), scales)
+    finally:
+        torch.set_num_threads(saved)
+    bound = exact.abs() * 2**-8 + 1e-5 * exact.abs().max()
+    assert ((y.float() - exact).abs() <= bound).all()
+
+
+def test_int8_packing_round_trip_and_module():
+    q = torch.randint(-128, 128, (8, 128), dtype=torch.int8)
+    packed = cpu_kernels.pack_int8(q)
+    assert packed.shape == q.shape and torch.equal(packed.reshape(2, 2, 4, 64)[1, 1, 2], q[6, 64:])
+    out = torch.empty_like(q)
+    cpu_kernels.unpack_int8(out, packed)
+    assert torch.equal(out, q)
+    _kernel()
+    torch.manual_seed(0)
+    w = torch.randn(96, 576) * 0.05
+    ours = cpu_quant.quantize_linear(w, None, 8, torch.bfloat16)
+    theirs = cpu_quant.quantize_linear(w, None, 8, torch.bfloat16, layout="torch")
+    assert (ours.layout, theirs.layout, ours.row_block, theirs.row_block) == ("zlocal", "torch", 4, 1)
+    for tokens in (1, 5, 40):  # kernel, kernel per token, block-wise from the tiles
+        x = torch.randn(tokens, 576).to(torch.bfloat16)
+        a, b = ours(x).float(), theirs(x).float()
+        assert ((a - b).abs() <= 2 * b.abs() * 2**-8 + 1e-3 * b.abs().max()).all()
+
+
+def test_profile_reports_whether_the_own_kernels_run():
     from zlocal.hardware import profile_machine
 
     kernels = profile_machine(measure_bandwidth=False).kernels
-    assert kernels["zlocal_int4_cpu"] == (cpu_kernels.int4_kernel() is not None)
+    runs = cpu_kernels.kernels() is not None
+    assert kernels["zlocal_int4_cpu"] == kernels["zlocal_int8_cpu"] == runs

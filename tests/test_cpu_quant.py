@@ -73,17 +73,27 @@ def test_kernel_close_to_float_linear(bits, rel):
 
 
 @pytest.mark.parametrize("out_f", [300, 64])
-def test_blockwise_int8_prefill_matches_the_kernel(out_f, monkeypatch):
-    from zlocal import cpu_quant
+def test_blockwise_int8_prefill_matches_the_kernel(out_f, kernel_layout, monkeypatch):
+    from zlocal import cpu_kernels, cpu_quant
 
     # a scratch of 128 rows: several blocks and a partial last one
     monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 128 * 256)
     torch.manual_seed(0)
     m = quantize_linear(torch.randn(out_f, 256) * 0.05, None, 8, torch.bfloat16)
+    assert m.layout == kernel_layout
     x = torch.randn(40, 256).to(torch.bfloat16)
-    exact = x.float() @ _dequant_int8(m.weight, m.scales.float()).t()
-    y = cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales)
-    kernel = torch._weight_int8pack_mm(x, m.weight, m.scales)
+    ours = kernel_layout == "zlocal"
+    codes = torch.empty_like(m.weight)
+    if ours:
+        cpu_kernels.unpack_int8(codes, m.weight)
+    else:
+        codes = m.weight
+    exact = x.float() @ _dequant_int8(codes, m.scales.float()).t()
+    y = cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales, ours)
+    if ours:
+        kernel = cpu_kernels.kernels().int8_mm(x, m.weight, m.scales)
+    else:
+        kernel = torch._weight_int8pack_mm(x, m.weight, m.scales)
     assert y.shape == kernel.shape == (40, out_f) and y.dtype == torch.bfloat16
     # the codes are exact in bf16; only the rounding of the sums and of the scaling differs
     assert ((y.float() - exact).norm() / exact.norm()).item() < 4e-3
@@ -106,7 +116,7 @@ def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, mo
 
 
 @pytest.mark.parametrize("out_f", [320, 64])
-def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, int4_layout, monkeypatch):
+def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, kernel_layout, monkeypatch):
     from zlocal import cpu_kernels, cpu_quant
 
     block = cpu_quant.int4_pack_block()
@@ -115,14 +125,14 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, int4_layo
     torch.manual_seed(0)
     w = torch.randn(out_f, 256) * 0.05
     m = quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
-    assert m.layout == int4_layout
+    assert m.layout == kernel_layout
     q, sz = quantize_int4(w, 64)
     deq = _dequant_int4(q, sz.to(torch.bfloat16).float(), 64)
     x = torch.randn(40, 256).to(torch.bfloat16)
     exact = x.float() @ deq.t()
-    if int4_layout == "zlocal":
+    if kernel_layout == "zlocal":
         y = cpu_quant.int4_matmul_blockwise(x, m.weight, m.scales_and_zeros, 64, None)
-        kernel = cpu_kernels.int4_kernel().mm(x, m.weight, m.scales_and_zeros, 64)
+        kernel = cpu_kernels.kernels().int4_mm(x, m.weight, m.scales_and_zeros, 64)
     else:
         y = cpu_quant.int4_matmul_blockwise(x, m.weight, m.scales_and_zeros, 64, block)
         kernel = torch._weight_int4pack_mm_for_cpu(x, m.weight, 64, m.scales_and_zeros)
@@ -134,7 +144,9 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, int4_layo
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [159, 160, 255, 256])
-def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(dtype, tokens, int4_layout, monkeypatch):
+def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(
+    dtype, tokens, kernel_layout, monkeypatch
+):
     from zlocal import cpu_quant
 
     calls = []
@@ -143,7 +155,7 @@ def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(dtype, token
     monkeypatch.setattr(cpu_quant, "int4_matmul_blockwise", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(64, 128)
     m = quantize_linear(w, None, 4, dtype, group_size=64)
-    assert m.layout == (int4_layout if dtype == torch.bfloat16 else "torch")
+    assert m.layout == (kernel_layout if dtype == torch.bfloat16 else "torch")
     x = torch.randn(1, tokens, 128).to(dtype)
     y = m(x)
     assert y.shape == (1, tokens, 64)
@@ -159,7 +171,7 @@ def test_blockwise_scratch_works_in_and_outside_inference_mode(monkeypatch):
     from zlocal import cpu_quant
 
     monkeypatch.setattr(cpu_quant, "_scratch", __import__("threading").local())  # a fresh scratch
-    m = quantize_linear(torch.randn(64, 128), None, 8, torch.bfloat16)
+    m = quantize_linear(torch.randn(64, 128), None, 8, torch.bfloat16, layout="torch")
     x = torch.randn(40, 128).to(torch.bfloat16)
     with torch.inference_mode():  # the engine creates the scratch here...
         first = cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales)
@@ -174,7 +186,7 @@ def test_blockwise_scratch_is_per_thread(monkeypatch):
 
     monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 64 * 512)
     torch.manual_seed(0)
-    mods = [quantize_linear(torch.randn(512, 512), None, 8, torch.bfloat16) for _ in range(2)]
+    mods = [quantize_linear(torch.randn(512, 512), None, 8, torch.bfloat16, layout="torch") for _ in range(2)]
     xs = [torch.randn(64, 512).to(torch.bfloat16) for _ in range(2)]
     want = [cpu_quant.int8_matmul_blockwise(x, m.weight, m.scales) for m, x in zip(mods, xs, strict=True)]
     got: dict[int, list] = {0: [], 1: []}

@@ -171,7 +171,7 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
 
 
 @pytest.mark.parametrize(
-    "fmt,dtype", [("int8", "float32"), ("int4", "float32"), ("int4", "bfloat16")]
+    "fmt,dtype", [("int8", "float32"), ("int8", "bfloat16"), ("int4", "float32"), ("int4", "bfloat16")]
 )
 def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     from zlocal.bench import cpu_plan
@@ -187,8 +187,8 @@ def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     assert mlp.gate_proj.weight.data_ptr() == gate_up.weight.data_ptr()  # views, not copies
     # k/v have 32 rows: int8 fuses them; int4 only in zlocal's layout (4-row tiles; torch's
     # interleaves blocks of 64 rows). fp32 layers always use torch's kernel.
-    zlocal_layout = getattr(gate_up, "layout", None) == "zlocal"
-    assert zlocal_layout == (fmt == "int4" and dtype == "bfloat16" and cpu_kernels.int4_kernel() is not None)
+    zlocal_layout = gate_up.layout == "zlocal"
+    assert zlocal_layout == (dtype == "bfloat16" and cpu_kernels.kernels() is not None)
     assert (type(qkv) is kind) == (fmt == "int8" or zlocal_layout)
     # both plans run the output layer on the int8 kernel, on both paths
     assert plan.head_format == "int8" and type(rt.model.lm_head) is Int8WeightOnlyLinear

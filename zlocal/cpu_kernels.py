@@ -1,16 +1,17 @@
-"""zlocal's own CPU kernel: an int4 matrix-vector product for AVX-512 BF16 CPUs.
+"""zlocal's own CPU kernels: int4 and int8 weight-only matrix products for AVX-512 BF16 CPUs.
 
-torch's ``_weight_int4pack_mm_for_cpu`` reads its weights at about 20 GB/s on a 2-core AVX-512 VM
-whose RAM gives 30 GB/s, and int4 decode is bound by exactly that read. ``kernels/int4_cpu.c`` reads
-one prefetched sequential stream per thread and computes with bf16 dot-product instructions:
-32-35 GB/s on Mistral-7B's gate/up shape there, 24-26 GB/s on down_proj (measured with
-``scripts/bench_cpu_kernels.py``).
+Decode reads every weight once per token, so on a CPU it is bound by memory bandwidth. PyTorch's
+weight-only kernels fall short of it on a 2-core AVX-512 VM whose RAM gives 30 GB/s:
+``_weight_int4pack_mm_for_cpu`` reads about 20 GB/s, ``_weight_int8pack_mm`` 23-26 GB/s on
+Mistral-7B's gate/up shape. ``kernels/cpu_kernels.c`` reads one prefetched sequential stream per
+thread and computes with bf16 dot-product instructions (the codes are exact in bf16): int4 32-35 GB/s
+on gate/up there, int8 26-31 GB/s (``scripts/bench_cpu_kernels.py``).
 
 The C file ships with the package and is compiled on first use with the system C compiler (about
 0.3 s) into zlocal's cache directory, keyed by a hash of the source and flags, then loaded with
 ctypes. Before it is used, a self-check compares it with a float reference. Whenever any of that is
 impossible (not Linux on x86-64, no AVX-512 BF16, no compiler, a failed build or check, or
-``ZLOCAL_CPU_KERNELS=0``), ``int4_kernel()`` returns None and the int4 layers use torch's kernel;
+``ZLOCAL_CPU_KERNELS=0``), ``kernels()`` returns None and the layers use PyTorch's kernels;
 ``kernel_status()`` says why.
 """
 
@@ -30,10 +31,10 @@ import torch
 
 from .paths import cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "int4_cpu.c"
+SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_kernels.c"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-# the layout's constraints (see the C file): whole 4-row tiles, whole 64-code chunks per group
+# the layouts' constraints (see the C file): whole 4-row tiles, whole 64-code chunks per group
 TILE_ROWS = 4
 CHUNK = 64
 
@@ -60,11 +61,11 @@ def _build(cc: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
-    lib = out_dir / f"int4_cpu-{key}.so"
+    lib = out_dir / f"cpu_kernels-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".int4_cpu-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         cmd = [cc, *CFLAGS, "-shared", str(SOURCE), "-o", tmp]
@@ -79,23 +80,27 @@ def _build(cc: str) -> Path:
     return lib
 
 
-class Int4Kernel:
-    """The loaded kernel; ``mm`` multiplies bf16 activations by a weight in this module's layout."""
+class CpuKernels:
+    """The loaded kernels: bf16 activations times weights packed by ``pack_int4`` / ``pack_int8``."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._fn = ctypes.CDLL(str(path)).zl_int4_mm
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        lib = ctypes.CDLL(str(path))
+        self._int4 = lib.zl_int4_mm
+        self._int4.restype = ctypes.c_int
+        self._int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        self._int8 = lib.zl_int8_mm
+        self._int8.restype = None
+        self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
 
-    def mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    # ctypes releases the GIL for the calls, so two runtimes in one process can decode at once
+    def int4_mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
         """``x`` [M, K] bf16 contiguous times the packed weight ([N, K/2] uint8, ``pack_int4``;
         scales and zeros from ``pack_scales``) -> [M, N] bf16."""
         m, k = x.shape
         n = packed.shape[0]
         y = torch.empty(m, n, dtype=torch.bfloat16)
-        # ctypes releases the GIL for the call, so two runtimes in one process can decode at once
-        err = self._fn(
+        err = self._int4(
             x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
             m, n, k, group_size, torch.get_num_threads(),
         )
@@ -103,9 +108,38 @@ class Int4Kernel:
             raise MemoryError(f"zlocal's int4 kernel could not allocate {m * k // group_size} floats")
         return y
 
+    def int8_mm(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor):
+        """``x`` [M, K] bf16 contiguous times the int8 weight ([N, K], ``pack_int8``) and its
+        per-row bf16 ``scales`` -> [M, N] bf16."""
+        m, k = x.shape
+        n = packed.shape[0]
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        threads = torch.get_num_threads()
+        self._int8(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, threads)
+        return y
+
+
+def supports_int8(out_features: int, in_features: int) -> bool:
+    """Whether an int8 layer's shape fits the kernel's layout."""
+    return out_features % TILE_ROWS == 0 and in_features % CHUNK == 0
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] -> the kernel's layout: 4-row tiles of 64-byte chunks, [N/4][K/64][4][64]
+    (same shape and bytes, so one sequential stream per thread)."""
+    n, k = q.shape
+    return q.reshape(n // TILE_ROWS, TILE_ROWS, k // CHUNK, CHUNK).transpose(1, 2).contiguous().reshape(n, k)
+
+
+def unpack_int8(out: torch.Tensor, packed: torch.Tensor) -> None:
+    """Write the codes of ``packed`` ([R, K] in ``pack_int8``'s layout, R % 4 == 0) into ``out``."""
+    r, k = out.shape
+    tiles = packed.view(r // TILE_ROWS, k // CHUNK, TILE_ROWS, CHUNK).transpose(1, 2)
+    out.view(r // TILE_ROWS, TILE_ROWS, k // CHUNK, CHUNK).copy_(tiles)
+
 
 def supports(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether a layer's shape fits the kernel's layout."""
+    """Whether an int4 layer's shape fits the kernel's layout."""
     return (
         out_features % TILE_ROWS == 0
         and in_features % CHUNK == 0
@@ -144,20 +178,26 @@ def unpack_int4(out: torch.Tensor, packed: torch.Tensor) -> None:
     o[:, :, :, 1].copy_(v >> 4)
 
 
-def _self_check(kernel: Int4Kernel) -> str | None:
-    """Compare the kernel with a float reference on random data; returns what went wrong, or None."""
+def _self_check(kernel: CpuKernels) -> str | None:
+    """Compare the kernels with a float reference on random data; returns what went wrong, or None."""
     gen = torch.Generator().manual_seed(0)
     n, k = 16, 256
-    for g in (32, 64, 128):  # both code paths of the kernel
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16)  # int4: 4 tokens at once, then 1
+    checks = []
+    for g in (32, 64, 128):  # all code paths of the int4 kernel
         codes = torch.randint(0, 16, (n, k), generator=gen)
         sz = torch.randn(k // g, n, 2, generator=gen).to(torch.bfloat16)
-        x = torch.randn(5, k, generator=gen).to(torch.bfloat16)  # 4 tokens at once, then 1
-        ref = x.float() @ dequantize_int4(codes, sz, g).t()
-        got = kernel.mm(x, pack_int4(codes), pack_scales(sz), g).float()
-        err = (got - ref).abs().max().item()
+        got = kernel.int4_mm(x, pack_int4(codes), pack_scales(sz), g)
+        checks.append((f"int4, group size {g}", got, x.float() @ dequantize_int4(codes, sz, g).t()))
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, generator=gen).to(torch.bfloat16)
+    got = kernel.int8_mm(x, pack_int8(q), scales)
+    checks.append(("int8", got, (x.float() @ q.float().t()) * scales.float()))
+    for what, got, ref in checks:
+        err = (got.float() - ref).abs().max().item()
         tol = 0.01 * ref.abs().max().item()  # bf16 output rounding is 0.4% of the largest value
         if not err <= tol:
-            return f"self-check error {err:.4g} > {tol:.4g} (group size {g})"
+            return f"self-check error {err:.4g} > {tol:.4g} ({what})"
     return None
 
 
@@ -170,8 +210,8 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_s
 
 
 @functools.cache
-def int4_kernel() -> Int4Kernel | None:
-    """The compiled and checked kernel, or None (then ``kernel_status()`` says why)."""
+def kernels() -> CpuKernels | None:
+    """The compiled and checked kernels, or None (then ``kernel_status()`` says why)."""
     reason = None
     cc = _compiler()
     if os.environ.get("ZLOCAL_CPU_KERNELS", "1") == "0":
@@ -184,18 +224,18 @@ def int4_kernel() -> Int4Kernel | None:
         reason = "no C compiler (set CC or install gcc)"
     if reason is None:
         try:
-            kernel = Int4Kernel(_build(cc))
+            kernel = CpuKernels(_build(cc))
             reason = _self_check(kernel)
         except (OSError, subprocess.SubprocessError) as exc:
             reason = f"build failed: {exc}"
     if reason is None:
-        _status["int4"] = f"zlocal AVX-512 BF16 kernel ({kernel.path.name})"
+        _status["cpu"] = f"zlocal's AVX-512 BF16 kernels ({kernel.path.name})"
         return kernel
-    _status["int4"] = f"torch's kernel: {reason}"
+    _status["cpu"] = f"PyTorch's kernels: {reason}"
     return None
 
 
-def kernel_status() -> dict[str, str]:
-    """Which int4 CPU kernel runs, and why (builds the kernel if it has not been tried yet)."""
-    int4_kernel()
-    return dict(_status)
+def kernel_status() -> str:
+    """Which int4/int8 CPU kernels run, and why (builds them if that has not been tried yet)."""
+    kernels()
+    return _status["cpu"]

@@ -156,15 +156,21 @@ def _scratch_rows(out_f: int, in_f: int) -> tuple[int, torch.Tensor]:
     return rows, buf
 
 
-def int8_matmul_blockwise(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scales).T`` for many rows of ``x`` (bf16), a block of weight rows at a time."""
+def int8_matmul_blockwise(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, tiled: bool = False
+) -> torch.Tensor:
+    """``x @ (q * scales).T`` for many rows of ``x`` (bf16), a block of weight rows at a time
+    (``tiled``: ``q`` is in ``cpu_kernels.pack_int8``'s layout)."""
     out_f, in_f = q.shape
     rows, buf = _scratch_rows(out_f, in_f)
     parts = []
     for start in range(0, out_f, rows):
         block = q[start : start + rows]
         w = buf[: block.numel()].view(block.shape)
-        w.copy_(block)
+        if tiled:
+            cpu_kernels.unpack_int8(w, block)
+        else:
+            w.copy_(block)
         parts.append(F.linear(x, w))
     return torch.cat(parts, dim=-1).mul_(scales)
 
@@ -195,28 +201,43 @@ def int4_pack_block() -> int | None:
     return None
 
 
+def int8_layout(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """How an int8 weight is stored here: ``"zlocal"`` (``cpu_kernels.pack_int8``'s tiles, when
+    its kernel runs on this CPU and fits the shape) or ``"torch"`` (row-major)."""
+    if dtype != torch.bfloat16 or not cpu_kernels.supports_int8(out_features, in_features):
+        return "torch"
+    return "zlocal" if cpu_kernels.kernels() else "torch"
+
+
 def int4_layout(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> str:
     """How an int4 weight is packed here: ``"zlocal"`` (``cpu_kernels``' layout, when its kernel
     runs on this CPU and fits the shape; it takes bf16 activations) or ``"torch"``
     (``_convert_weight_to_int4pack_for_cpu``)."""
     if dtype != torch.bfloat16 or not cpu_kernels.supports(out_features, in_features, group_size):
         return "torch"
-    if cpu_kernels.int4_kernel():
+    if cpu_kernels.kernels():
         return "zlocal"
     return "torch"
 
 
-def _check_layout(layout: str | None, out_f: int, in_f: int, group_size: int, dtype: torch.dtype) -> str:
-    """``layout`` if this machine can run it for the shape (None: the best one here)."""
-    best = int4_layout(out_f, in_f, group_size, dtype)
+def _check_layout(layout: str | None, best: str, what: str) -> str:
+    """``layout`` if this machine can run it for the layer (None: ``best``, the best one here)."""
     if layout is None:
         return best
     if layout in ("torch", best):
         return layout
     raise InvalidArgumentError(
-        f"int4 layout {layout!r} cannot run a {out_f}x{in_f} {dtype} layer with group size {group_size} "
-        f"here ({cpu_kernels.kernel_status()['int4']}); use 'torch'"
+        f"layout {layout!r} cannot run {what} here ({cpu_kernels.kernel_status()}); use 'torch'"
     )
+
+
+def _int4_layout(layout, out_f, in_f, group_size, dtype) -> str:
+    what = f"a {out_f}x{in_f} {dtype} int4 layer with group size {group_size}"
+    return _check_layout(layout, int4_layout(out_f, in_f, group_size, dtype), what)
+
+
+def _int8_layout(layout, out_f, in_f, dtype) -> str:
+    return _check_layout(layout, int8_layout(out_f, in_f, dtype), f"a {out_f}x{in_f} {dtype} int8 layer")
 
 
 def int4_matmul_blockwise(
@@ -246,26 +267,51 @@ def int4_matmul_blockwise(
 
 
 class Int8WeightOnlyLinear(_QuantLinearBase):
-    """y = x @ (q * scale).T (+ bias) with per-channel int8 weights, via ``_weight_int8pack_mm``
-    (for bf16 prompts of ``DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs with native bf16
-    GEMMs, via ``int8_matmul_blockwise``)."""
+    """y = x @ (q * scale).T (+ bias) with per-channel int8 weights: on zlocal's own kernel where it
+    runs (``cpu_kernels``: AVX-512 BF16, bf16 activations; the codes are then stored in its tiles),
+    else ``_weight_int8pack_mm``. bf16 prompts of ``DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs
+    with native bf16 GEMMs go through ``int8_matmul_blockwise``."""
 
     bits = 8
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype=torch.bfloat16,
+        layout: str | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.layout = _int8_layout(layout, out_features, in_features, dtype)
+        self._kernel = cpu_kernels.kernels() if self.layout == "zlocal" else None
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
 
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Row-major int8 codes [out, in] -> this module's ``weight`` layout."""
+        return cpu_kernels.pack_int8(q) if self.layout == "zlocal" else q.contiguous()
+
+    @property
+    def row_block(self) -> int:
+        """Output rows the layout interleaves: weights only split or join at multiples."""
+        return cpu_kernels.TILE_ROWS if self.layout == "zlocal" else 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
-        if _blockwise(x2, DEQUANT_GEMM_MIN_TOKENS, self.dtype):
-            y = int8_matmul_blockwise(x2, self.weight, self.scales)
+        ours = self.layout == "zlocal"
+        if x2.shape[0] > 1 and _blockwise(x2, DEQUANT_GEMM_MIN_TOKENS, self.dtype):
+            y = int8_matmul_blockwise(x2, self.weight, self.scales, ours)
+        elif ours:
+            y = self._kernel.int8_mm(x2, self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
         return self._finish(y, x.shape, x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layout={self.layout}"
 
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
@@ -288,8 +334,8 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
-        self.layout = _check_layout(layout, out_features, in_features, group_size, dtype)
-        self._kernel = cpu_kernels.int4_kernel() if self.layout == "zlocal" else None
+        self.layout = _int4_layout(layout, out_features, in_features, group_size, dtype)
+        self._kernel = cpu_kernels.kernels() if self.layout == "zlocal" else None
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         groups = in_features // group_size
         if self.layout == "zlocal":
@@ -309,7 +355,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
                 y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
                 return self._finish(y, x.shape, x.dtype)
         if ours:
-            y = self._kernel.mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+            y = self._kernel.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)
@@ -326,15 +372,17 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
 def quantized_tensors(
     weight: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 128, layout: str | None = None
 ) -> dict:
-    """Phase one for one weight: the buffers of the quantized module, ready to load (int4:
-    packed in ``layout``, by default the best one this machine runs)."""
+    """Phase one for one weight: the buffers of the quantized module, ready to load (stored in
+    ``layout``, by default the best one this machine runs)."""
     if bits == 8:
         q, scales = quantize_int8(weight)
+        if _int8_layout(layout, weight.shape[0], weight.shape[1], dtype) == "zlocal":
+            q = cpu_kernels.pack_int8(q)
         return {"weight": q, "scales": scales.to(dtype)}
     if bits == 4:
         g = int4_group_size(weight.shape[1], group_size)
         q, sz = quantize_int4(weight, g)
-        if _check_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
+        if _int4_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
             sz = cpu_kernels.pack_scales(sz.to(dtype))
             return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
@@ -354,7 +402,7 @@ def empty_quant_linear(
 ) -> _QuantLinearBase:
     """An unfilled quantized module of the right shape (phase two: the swap)."""
     if bits == 8:
-        return Int8WeightOnlyLinear(in_features, out_features, bias, dtype)
+        return Int8WeightOnlyLinear(in_features, out_features, bias, dtype, layout)
     return Int4WeightOnlyLinear(
         in_features, out_features, bias, dtype, int4_group_size(in_features, group_size), layout
     )

@@ -234,11 +234,11 @@ def _fuse_quantized(linears: list):
             return None
         if lin.weight.device.type != "cpu":
             return None
-        if kind is Int4WeightOnlyLinear and (lin.layout != first.layout or lin.out_features % lin.row_block):
+        if lin.layout != first.layout or lin.out_features % lin.row_block:
             return None
     out_f = sum(lin.out_features for lin in linears)
     if kind is Int8WeightOnlyLinear:
-        fused = Int8WeightOnlyLinear(first.in_features, out_f, False, first.dtype)
+        fused = Int8WeightOnlyLinear(first.in_features, out_f, False, first.dtype, first.layout)
         fused.scales = torch.cat([lin.scales for lin in linears])
     else:
         fused = Int4WeightOnlyLinear(

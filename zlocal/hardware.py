@@ -174,6 +174,7 @@ def _assumed_kernels(report: HardwareReport) -> dict[str, bool]:
         "torch_int8_cpu": True,
         "torch_int4_cpu": True,
         "zlocal_int4_cpu": "avx512_bf16" in report.cpu.isa,
+        "zlocal_int8_cpu": "avx512_bf16" in report.cpu.isa,
         "bitsandbytes_cuda": gpu is not None,
         "torch_int4_cuda": cc >= 8.0,
         "gptqmodel_marlin": False,
@@ -304,7 +305,8 @@ def _kernels(gpus: list[GpuInfo]) -> dict[str, bool]:
     return {
         "torch_int8_cpu": hasattr(torch, "_weight_int8pack_mm"),
         "torch_int4_cpu": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
-        "zlocal_int4_cpu": cpu_kernels.int4_kernel() is not None,
+        "zlocal_int4_cpu": cpu_kernels.kernels() is not None,
+        "zlocal_int8_cpu": cpu_kernels.kernels() is not None,
         "bitsandbytes_cuda": cuda and has("bitsandbytes") is not None,
         "torch_int4_cuda": cuda and cc >= 8.0,
         "gptqmodel_marlin": gptq and cuda and cc >= 8.0,

@@ -371,7 +371,7 @@ def swap_bnb_int8_for_cpu(model, dtype: torch.dtype) -> int:
         if codes.dtype != torch.int8:
             continue
         new = Int8WeightOnlyLinear(module.in_features, module.out_features, module.bias is not None, dtype)
-        new.weight = codes.contiguous()
+        new.weight = new.pack(codes)
         new.scales = (module.weight.SCB.float() / 127.0).to(dtype)
         if module.bias is not None:
             new.bias = module.bias.data.to(dtype)

@@ -1,12 +1,12 @@
-/* zlocal's int4 matrix-vector kernel for x86 CPUs with AVX-512 BF16 (compiled on first use by
- * zlocal/cpu_kernels.py, which also checks its results before any model uses it).
+/* zlocal's int4 and int8 weight-only kernels for x86 CPUs with AVX-512 BF16 (compiled on first use
+ * by zlocal/cpu_kernels.py, which also checks their results before any model uses them).
  *
  * Why: decode reads every weight once per token, so it is bound by memory bandwidth. torch's
  * _weight_int4pack_mm_for_cpu streams its weights at about 20 GB/s on a 2-core AVX-512 VM whose RAM
- * gives 30 GB/s; this kernel reads one sequential stream per thread, prefetches it, and does the
- * work in bf16 dot products (vdpbf16ps), which keeps it under the memory time.
+ * gives 30 GB/s; these kernels read one sequential stream per thread, prefetch it, and do the work in
+ * bf16 dot products (vdpbf16ps) on codes that are exact in bf16, which keeps them under the memory time.
  *
- * Weight layout: tiles of 4 output rows. Tile t holds rows 4t..4t+3 as [K/64][4][32] bytes; in the
+ * int4 weight layout: tiles of 4 output rows. Tile t holds rows 4t..4t+3 as [K/64][4][32] bytes; in the
  * 32 bytes of (chunk c, row r), byte j holds code 64c+j in its low nibble and 64c+32+j in its high
  * nibble. The codes 0..15 dequantize as (q - 8) * scale + zero per group of G inputs (torch's
  * convention). Scales and zeros are tiled the same way, [N/4][K/G][4][2] bf16, so each thread reads
@@ -244,4 +244,46 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
     }
     if (xsum != small) free(xsum);
     return 0;
+}
+
+/* int8: weights in tiles of 4 rows, [N/4][K/64][4][64] int8, per-row bf16 scales.
+ * y[m][n] = scale[n] * sum_k x[m][k] * q[n][k]. A code v = 16 * (v >> 4) + (v & 15): both parts come
+ * from 16-entry tables as exact bf16, so each 32 codes take two dot products and no conversions. */
+void zl_int8_mm(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y,
+                int M, int N, int K, int threads) {
+    const __m512i low = BF16_CODES; /* bf16(v & 15), indexed by the low 5 bits of the word */
+    /* bf16(16 * (v >> 4)): the arithmetic shift leaves -8..7, whose low 5 bits index 24..31 and 0..7 */
+    const __m512i high = _mm512_set_epi16(
+        0xC180, 0xC200, 0xC240, 0xC280, 0xC2A0, 0xC2C0, 0xC2E0, 0xC300, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0x42E0, 0x42C0, 0x42A0, 0x4280, 0x4240, 0x4200, 0x4180, 0x0000);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < N / ROWS; t++) {
+        const int8_t *tile = w + (size_t)t * ROWS * K;
+        for (int m = 0; m < M; m++) {
+            const uint16_t *xm = x + (size_t)m * K;
+            __m512 acc[ROWS][2];
+            for (int r = 0; r < ROWS; r++) {
+                acc[r][0] = _mm512_setzero_ps();
+                acc[r][1] = _mm512_setzero_ps();
+            }
+            for (int k = 0; k < K; k += 64) {
+                const int8_t *chunk = tile + (size_t)k * ROWS;
+                for (int b = 0; b < ROWS * 64; b += 64) _mm_prefetch((const char *)(chunk + PREFETCH + b), _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k + 32 * h);
+                    for (int r = 0; r < ROWS; r++) {
+                        __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(chunk + r * 64 + 32 * h)));
+                        __m512i lo = _mm512_permutexvar_epi16(v, low);
+                        __m512i hi = _mm512_permutexvar_epi16(_mm512_srai_epi16(v, 4), high);
+                        acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)lo);
+                        acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)hi);
+                    }
+                }
+            }
+            for (int r = 0; r < ROWS; r++) {
+                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+                y[(size_t)m * N + t * ROWS + r] = f32_to_bf16(sum * bf16_to_f32(scales[t * ROWS + r]));
+            }
+        }
+    }
 }
