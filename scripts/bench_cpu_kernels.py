@@ -3,8 +3,8 @@
 1. One Linear of each Mistral-7B shape at batch 1: bf16 (``F.linear``), bf16 packed for oneDNN
    (what the lean forward runs, where the CPU supports it), int8 and int4 (zlocal's AVX-512 BF16
    kernels where they run, plus ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` as
-   "int8-torch" / "int4-torch"; elsewhere PyTorch's as "int8" / "int4"): median ms, weight bytes read, effective GB/s. bitsandbytes'
-   CPU path is left out on purpose (125-400 ms, see anchors).
+   "int8-torch" / "int4-torch"; elsewhere PyTorch's as "int8" / "int4"): median ms, weight bytes
+   read, effective GB/s. bitsandbytes' CPU path is left out on purpose (125-400 ms, see anchors).
 2. Whole-model greedy decode on SmolLM2-135M through ``zlocal.load`` with a dense bf16 plan and
    int8 / int4 quantize-on-load plans: measured tok/s next to the planner's prediction.
 
