@@ -97,10 +97,22 @@ class _QuantLinearBase(nn.Module):
         y = y.reshape(*shape[:-1], self.out_features)
         return y if y.dtype == x_dtype else y.to(x_dtype)
 
+    # Output rows the weight layout interleaves (weights only split or join at multiples) in torch's
+    # layout; zlocal's tiles are cpu_kernels.TILE_ROWS rows.
+    torch_row_block = 1
+
+    def _use_layout(self, layout: str) -> None:
+        self.layout = layout
+        self._kernel = cpu_kernels.kernels() if layout == "zlocal" else None
+
+    @property
+    def row_block(self) -> int:
+        """Output rows the weight layout interleaves: weights only split or join at multiples."""
+        return cpu_kernels.TILE_ROWS if self.layout == "zlocal" else self.torch_row_block
+
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        )
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, bias={self.bias is not None}, layout={self.layout}"
 
 
 # Prompt processing: the weight-only kernels convert weights inside every multiply-add, so with many
@@ -284,8 +296,7 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
     ):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self.layout = _int8_layout(layout, out_features, in_features, dtype)
-        self._kernel = cpu_kernels.kernels() if self.layout == "zlocal" else None
+        self._use_layout(_int8_layout(layout, out_features, in_features, dtype))
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
@@ -293,11 +304,6 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """Row-major int8 codes [out, in] -> this module's ``weight`` layout."""
         return cpu_kernels.pack_int8(q) if self.layout == "zlocal" else q.contiguous()
-
-    @property
-    def row_block(self) -> int:
-        """Output rows the layout interleaves: weights only split or join at multiples."""
-        return cpu_kernels.TILE_ROWS if self.layout == "zlocal" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._prepare(x)
@@ -310,9 +316,6 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
         return self._finish(y, x.shape, x.dtype)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", layout={self.layout}"
-
 
 class Int4WeightOnlyLinear(_QuantLinearBase):
     """Group-wise asymmetric int4 weights. Where zlocal's own kernel runs (``cpu_kernels``: AVX-512
@@ -321,6 +324,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
     on CPUs with native bf16 GEMMs go through ``int4_matmul_blockwise``."""
 
     bits = 4
+    torch_row_block = max(INT4_PACK_BLOCKS)
 
     def __init__(
         self,
@@ -334,8 +338,7 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
-        self.layout = _int4_layout(layout, out_features, in_features, group_size, dtype)
-        self._kernel = cpu_kernels.kernels() if self.layout == "zlocal" else None
+        self._use_layout(_int4_layout(layout, out_features, in_features, group_size, dtype))
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         groups = in_features // group_size
         if self.layout == "zlocal":
@@ -360,13 +363,8 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)
 
-    @property
-    def row_block(self) -> int:
-        """Output rows the packing interleaves: int4 weights only split or join at multiples."""
-        return cpu_kernels.TILE_ROWS if self.layout == "zlocal" else max(INT4_PACK_BLOCKS)
-
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
+        return super().extra_repr() + f", group_size={self.group_size}"
 
 
 def quantized_tensors(
