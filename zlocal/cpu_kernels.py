@@ -1,11 +1,11 @@
 """zlocal's own CPU kernels: int4 and int8 weight-only matrix products for AVX-512 BF16 CPUs.
 
 Decode reads every weight once per token, so on a CPU it is bound by memory bandwidth. PyTorch's
-weight-only kernels fall short of it on a 2-core AVX-512 VM whose RAM gives 30 GB/s:
-``_weight_int4pack_mm_for_cpu`` reads about 20 GB/s, ``_weight_int8pack_mm`` 23-26 GB/s on
-Mistral-7B's gate/up shape. ``kernels/cpu_kernels.c`` reads one prefetched sequential stream per
-thread and computes with bf16 dot-product instructions (the codes are exact in bf16): int4 32-35 GB/s
-on gate/up there, int8 26-31 GB/s (``scripts/bench_cpu_kernels.py``).
+weight-only kernels fall well short of it on a 2-core AVX-512 VM: on Mistral-7B's gate/up shape
+``_weight_int4pack_mm_for_cpu`` reads about 20 GB/s and ``_weight_int8pack_mm`` 23-28 GB/s.
+``kernels/cpu_kernels.c`` reads one prefetched sequential stream per thread and computes with bf16
+dot-product instructions (the codes are exact in bf16): 44-49 GB/s for both on that shape in the same
+run (``scripts/bench_cpu_kernels.py``; the VM's memory speed varies between runs).
 
 The C file ships with the package and is compiled on first use with the system C compiler (about
 0.3 s) into zlocal's cache directory, keyed by a hash of the source and flags, then loaded with
