@@ -45,13 +45,21 @@ def test_packing_layout_and_round_trip():
     assert torch.equal(cpu_kernels.scales_by_row(tiled), sz.transpose(0, 1))
 
 
-@pytest.mark.parametrize("group", [32, 64, 128, 256])
+_SHAPES = [
+    (4 * 37, 512),  # a tile count that does not split evenly between threads
+    (8, 8448),  # long rows: one token takes tiles in pairs
+    (12, 576),  # an odd number of groups (SmolLM2's width)
+]
+
+
+@pytest.mark.parametrize(
+    "group,n,k", [(g, n, k) for n, k in _SHAPES for g in (32, 64, 128, 256) if k % g == 0]
+)
 @pytest.mark.parametrize("tokens", [1, 3, 17])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_matches_float_reference(group, tokens, threads):
+def test_kernel_matches_float_reference(group, tokens, threads, n, k):
     kernel = _kernel()
     gen = torch.Generator().manual_seed(group * 100 + tokens)
-    n, k = 4 * 37, 512  # a tile count that does not split evenly between threads
     codes = torch.randint(0, 16, (n, k), generator=gen)
     sz = (torch.rand(k // group, n, 2, generator=gen) * 0.2 - 0.1).to(torch.bfloat16)
     x = torch.randn(tokens, k, generator=gen).to(torch.bfloat16)

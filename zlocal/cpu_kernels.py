@@ -187,8 +187,10 @@ def _self_check(kernel: CpuKernels) -> str | None:
     for g in (32, 64, 128):  # all code paths of the int4 kernel
         codes = torch.randint(0, 16, (n, k), generator=gen)
         sz = torch.randn(k // g, n, 2, generator=gen).to(torch.bfloat16)
-        got = kernel.int4_mm(x, pack_int4(codes), pack_scales(sz), g)
-        checks.append((f"int4, group size {g}", got, x.float() @ dequantize_int4(codes, sz, g).t()))
+        ref = x.float() @ dequantize_int4(codes, sz, g).t()
+        packed, tiled = pack_int4(codes), pack_scales(sz)
+        checks.append((f"int4, group size {g}", kernel.int4_mm(x, packed, tiled, g), ref))
+        checks.append((f"int4, one token, group size {g}", kernel.int4_mm(x[:1], packed, tiled, g), ref[:1]))
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = torch.rand(n, generator=gen).to(torch.bfloat16)
     got = kernel.int8_mm(x, pack_int8(q), scales)

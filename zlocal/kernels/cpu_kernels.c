@@ -74,6 +74,35 @@ static void tile_scales(const uint16_t *sz, int count, float *scale, float *zter
     }
 }
 
+
+/* One token: the scales as floats and the zero-point offsets directly, without storing the terms
+   (less to keep in L1 beside x and the weight stream: 3-10% faster with 8192+ inputs). Lanes 8-15
+   repeat lanes 0-7 and are not read. */
+static void tile_scales_offsets(const uint16_t *sz, int groups, const float *xsum, float *scale, float out[ROWS]) {
+    const __m512i even = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i expand = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    const int count = groups * ROWS;
+    int i = 0;
+    for (; i + 8 <= count; i += 8) { /* two groups */
+        __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sz + 2 * i)));
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+        __m512 s = _mm512_permutexvar_ps(even, v), z = _mm512_permutexvar_ps(odd, v);
+        _mm256_storeu_ps(scale + i, _mm512_castps512_ps256(s));
+        __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xsum + i / ROWS))); /* g, g + 1 */
+        __m512 xs = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(two));
+        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z), xs, acc);
+    }
+    float lanes[16];
+    _mm512_storeu_ps(lanes, acc);
+    for (int r = 0; r < ROWS; r++) out[r] = lanes[r] + lanes[r + 4];
+    for (; i < count; i++) {
+        scale[i] = bf16_to_f32(sz[2 * i]);
+        out[i % ROWS] += (bf16_to_f32(sz[2 * i + 1]) - 8.f * scale[i]) * xsum[i / ROWS];
+    }
+}
+
 /* out[r] = sum over groups of zterm[g][r] * xsum[g], for the tile's rows. */
 static void tile_offsets(const float *zterm, const float *xsum, int groups, float out[ROWS]) {
     const __m512i expand = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -279,15 +308,21 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t += pair) {
         const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
-        float scale[2 * groups * ROWS], zterm[2 * groups * ROWS];
-        tile_scales(sz + (size_t)t * groups * ROWS * 2, pair * groups * ROWS, scale, zterm);
-        if (pair == 2) {
-            float offset[2 * ROWS];
-            tile_offsets(zterm, xsum, groups, offset);
-            tile_offsets(zterm + groups * ROWS, xsum, groups, offset + ROWS);
-            tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+        if (M == 1) {
+            float scale[2 * groups * ROWS], offset[2 * ROWS];
+            for (int p = 0; p < pair; p++)
+                tile_scales_offsets(sz + (size_t)(t + p) * groups * ROWS * 2, groups, xsum,
+                                    scale + p * groups * ROWS, offset + p * ROWS);
+            if (pair == 2)
+                tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+            else if (G == 32)
+                tile_dot_g32(x, tile, scale, offset, y, t * ROWS, K);
+            else
+                tile_dot(x, tile, scale, offset, y, t * ROWS, K, G);
             continue;
         }
+        float scale[groups * ROWS], zterm[groups * ROWS];
+        tile_scales(sz + (size_t)t * groups * ROWS * 2, groups * ROWS, scale, zterm);
         int m = 0;
         for (; m + MB <= M; m += MB) {
             const float *xs = xsum + m * groups;
