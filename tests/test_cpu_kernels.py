@@ -98,10 +98,12 @@ def test_float32_layers_keep_torch_layout():
 
 
 def test_shapes_outside_the_layout_use_torch():
-    assert cpu_kernels.supports(4096, 14336, 128) and cpu_kernels.supports(192, 576, 32)
-    assert not cpu_kernels.supports(4096, 4096 + 32, 32)  # in_features not whole 64-code chunks
-    assert not cpu_kernels.supports(4096, 4096, 96)  # group not 32 or a multiple of 64
-    assert not cpu_kernels.supports(4098, 4096, 128)  # a partial 4-row tile
+    assert cpu_kernels.supports_int4(4096, 14336, 128) and cpu_kernels.supports_int4(192, 576, 32)
+    assert not cpu_kernels.supports_int4(4096, 4096 + 32, 32)  # in_features not whole 64-code chunks
+    assert not cpu_kernels.supports_int4(4096, 4096, 96)  # group not 32 or a multiple of 64
+    assert not cpu_kernels.supports_int4(4098, 4096, 128)  # a partial 4-row tile
+    assert cpu_kernels.supports_int8(32000, 4096) and cpu_kernels.supports_int8(192, 576)
+    assert not cpu_kernels.supports_int8(4098, 4096) and not cpu_kernels.supports_int8(4096, 4096 + 32)
 
 
 @pytest.mark.parametrize(

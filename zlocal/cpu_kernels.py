@@ -138,7 +138,7 @@ def unpack_int8(out: torch.Tensor, packed: torch.Tensor) -> None:
     out.view(r // TILE_ROWS, TILE_ROWS, k // CHUNK, CHUNK).copy_(tiles)
 
 
-def supports(out_features: int, in_features: int, group_size: int) -> bool:
+def supports_int4(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether an int4 layer's shape fits the kernel's layout."""
     return (
         out_features % TILE_ROWS == 0

@@ -225,7 +225,7 @@ def int4_layout(out_features: int, in_features: int, group_size: int, dtype: tor
     """How an int4 weight is packed here: ``"zlocal"`` (``cpu_kernels``' layout, when its kernel
     runs on this CPU and fits the shape; it takes bf16 activations) or ``"torch"``
     (``_convert_weight_to_int4pack_for_cpu``)."""
-    if dtype != torch.bfloat16 or not cpu_kernels.supports(out_features, in_features, group_size):
+    if dtype != torch.bfloat16 or not cpu_kernels.supports_int4(out_features, in_features, group_size):
         return "torch"
     if cpu_kernels.kernels():
         return "zlocal"
