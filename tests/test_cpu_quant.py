@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import zlocal
+from zlocal import cpu_kernels
 from zlocal.cpu_quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -28,10 +29,7 @@ def _dequant_int8(q, scales):
     return q.float() * scales[:, None]
 
 
-def _dequant_int4(q, sz, group):
-    scale = sz[..., 0].t().repeat_interleave(group, dim=1)
-    zero = sz[..., 1].t().repeat_interleave(group, dim=1)
-    return (q.float() - 8) * scale + zero
+_dequant_int4 = cpu_kernels.dequantize_int4  # (q - 8) * scale + zero per group
 
 
 def test_quantizers_round_trip_within_half_a_step():

@@ -298,6 +298,7 @@ def _kernels(gpus: list[GpuInfo]) -> dict[str, bool]:
 
     from . import cpu_kernels
 
+    own = cpu_kernels.kernels() is not None  # one build serves both formats
     has = importlib.util.find_spec
     cuda = any(g.backend == "cuda" for g in gpus)
     cc = max((float(g.compute_capability) for g in gpus if g.compute_capability), default=0.0)
@@ -305,8 +306,8 @@ def _kernels(gpus: list[GpuInfo]) -> dict[str, bool]:
     return {
         "torch_int8_cpu": hasattr(torch, "_weight_int8pack_mm"),
         "torch_int4_cpu": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
-        "zlocal_int4_cpu": cpu_kernels.kernels() is not None,
-        "zlocal_int8_cpu": cpu_kernels.kernels() is not None,
+        "zlocal_int4_cpu": own,
+        "zlocal_int8_cpu": own,
         "bitsandbytes_cuda": cuda and has("bitsandbytes") is not None,
         "torch_int4_cuda": cuda and cc >= 8.0,
         "gptqmodel_marlin": gptq and cuda and cc >= 8.0,

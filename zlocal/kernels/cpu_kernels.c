@@ -57,14 +57,21 @@ static inline void prefetch_chunk(const uint8_t *chunk) {
    zero - 8 * scale, whose dot product with the group sums of x is the rest of each output. Doing
    this with vector instructions, not per group inside the loops, is what keeps int4 at memory speed
    with groups of 64 (the per-group scalar work cost as much as the dot products). */
-static void tile_scales(const uint16_t *sz, int count, float *scale, float *zterm) {
+/* 8 (scale, zero) bf16 pairs -> the scales and zeros as floats, in lanes 0-7 (8-15 repeat them). */
+static inline void scale_pairs(const uint16_t *sz, __m512 *s, __m512 *z) {
     const __m512i even = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 15, 13, 11, 9, 7, 5, 3, 1);
+    __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)sz));
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    *s = _mm512_permutexvar_ps(even, v);
+    *z = _mm512_permutexvar_ps(odd, v);
+}
+
+static void tile_scales(const uint16_t *sz, int count, float *scale, float *zterm) {
     int i = 0;
     for (; i + 8 <= count; i += 8) {
-        __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sz + 2 * i)));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-        __m512 s = _mm512_permutexvar_ps(even, v), z = _mm512_permutexvar_ps(odd, v);
+        __m512 s, z;
+        scale_pairs(sz + 2 * i, &s, &z);
         _mm256_storeu_ps(scale + i, _mm512_castps512_ps256(s));
         _mm256_storeu_ps(zterm + i, _mm512_castps512_ps256(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z)));
     }
@@ -74,21 +81,16 @@ static void tile_scales(const uint16_t *sz, int count, float *scale, float *zter
     }
 }
 
-
 /* One token: the scales as floats and the zero-point offsets directly, without storing the terms
-   (less to keep in L1 beside x and the weight stream: 3-10% faster with 8192+ inputs). Lanes 8-15
-   repeat lanes 0-7 and are not read. */
+   (less to keep in L1 beside x and the weight stream: 3-10% faster with 8192+ inputs). */
 static void tile_scales_offsets(const uint16_t *sz, int groups, const float *xsum, float *scale, float out[ROWS]) {
-    const __m512i even = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i expand = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc = _mm512_setzero_ps();
     const int count = groups * ROWS;
     int i = 0;
     for (; i + 8 <= count; i += 8) { /* two groups */
-        __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sz + 2 * i)));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-        __m512 s = _mm512_permutexvar_ps(even, v), z = _mm512_permutexvar_ps(odd, v);
+        __m512 s, z;
+        scale_pairs(sz + 2 * i, &s, &z);
         _mm256_storeu_ps(scale + i, _mm512_castps512_ps256(s));
         __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xsum + i / ROWS))); /* g, g + 1 */
         __m512 xs = _mm512_permutexvar_ps(expand, _mm512_castps128_ps512(two));
