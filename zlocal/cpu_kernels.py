@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,6 +93,10 @@ class CpuKernels:
         self._int8 = lib.zl_int8_mm
         self._int8.restype = None
         self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        self._decode = lib.zl_decode_layers
+        self._decode.restype = ctypes.c_int
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._decode.argtypes = [pointer] * 3 + [integer] + [pointer] * 2 + [integer]
 
     # ctypes releases the GIL for the calls, so two runtimes in one process can decode at once
     def int4_mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
@@ -117,6 +122,106 @@ class CpuKernels:
         threads = torch.get_num_threads()
         self._int8(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, threads)
         return y
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [
+        ("bits", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("G", ctypes.c_int),
+        ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("w_in", ctypes.c_void_p), ("w_post", ctypes.c_void_p),
+        ("eps_in", ctypes.c_float), ("eps_post", ctypes.c_float),
+        ("qkv", _Mat), ("o", _Mat), ("gate_up", _Mat), ("down", _Mat),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+    ]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int)
+        for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "max_tokens", "window")
+    ] + [("scale", ctypes.c_float)]
+
+
+@dataclass
+class StackLayer:
+    """One decoder layer's tensors for ``DecodeStack``: RMSNorm weights and epsilons, the four
+    projections as zlocal-layout int4/int8 modules (q/k/v and gate/up fused), and the KV buffers
+    ([1, kv_heads, max_tokens, head_dim] bf16)."""
+
+    w_in: torch.Tensor
+    eps_in: float
+    qkv: torch.nn.Module
+    o: torch.nn.Module
+    w_post: torch.Tensor
+    eps_post: float
+    gate_up: torch.nn.Module
+    down: torch.nn.Module
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class DecodeStack:
+    """All decoder layers of a Llama/Mistral model for one token in one kernel call
+    (``zl_decode_layers``): the same math and rounding points as zlocal's torch forward, without
+    the ~40 Python-level ops per layer that dominate a small model's token time."""
+
+    def __init__(self, kernel: CpuKernels, layers: list[StackLayer], *, heads: int, kv_heads: int,
+                 head_dim: int, window: int | None, scale: float):
+        first = layers[0]
+        self._kernel = kernel
+        self._layers = layers  # keeps every tensor the pointers below refer to alive
+        self._dims = _Dims(
+            len(layers), first.w_in.numel(), heads, kv_heads, head_dim, first.down.in_features,
+            first.keys.shape[2], window or 0, scale,
+        )
+        self._array = (_Layer * len(layers))(*(self._layer(lay) for lay in layers))
+
+    @staticmethod
+    def _mat(mod) -> _Mat:
+        if mod.bits == 8:
+            return _Mat(8, mod.out_features, mod.in_features, 0, mod.weight.data_ptr(), mod.scales.data_ptr())
+        return _Mat(4, mod.out_features, mod.in_features, mod.group_size, mod.weight.data_ptr(),
+                    mod.scales_and_zeros.data_ptr())
+
+    def _layer(self, lay: StackLayer) -> _Layer:
+        return _Layer(
+            lay.w_in.data_ptr(), lay.w_post.data_ptr(), lay.eps_in, lay.eps_post,
+            self._mat(lay.qkv), self._mat(lay.o), self._mat(lay.gate_up), self._mat(lay.down),
+            lay.keys.data_ptr(), lay.values.data_ptr(),
+        )
+
+    def __call__(self, h: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Run every layer for the token whose embedding is ``h`` ([hidden] bf16, contiguous;
+        overwritten with the last layer's output) at position ``pos``; ``cos``/``sin`` are that
+        position's rotary rows (``sin`` with its first half negated). Writes the KV caches."""
+        err = self._kernel._decode(
+            ctypes.addressof(self._dims), ctypes.addressof(self._array), h.data_ptr(), pos,
+            cos.data_ptr(), sin.data_ptr(), torch.get_num_threads(),
+        )
+        if err:
+            raise MemoryError("zlocal's decode kernel could not allocate its scratch buffers")
+
+
+def stack_supported(layers: list[StackLayer], head_dim: int) -> str | None:
+    """Why ``DecodeStack`` cannot run these layers (None when it can)."""
+    if head_dim % 16 or head_dim > 256:
+        return f"head_dim {head_dim} (needs a multiple of 16, at most 256)"
+    for i, lay in enumerate(layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            mod = getattr(lay, name)
+            quantized = getattr(mod, "layout", None) == "zlocal" and mod.dtype == torch.bfloat16
+            if not quantized or mod.bias is not None:
+                return f"layer {i} {name} is not a bias-free bf16 int4/int8 layer on zlocal's kernels"
+            if not all(t.is_contiguous() for t in mod.buffers()):
+                return f"layer {i} {name} has non-contiguous tensors"
+        if lay.w_in.dtype != torch.bfloat16 or lay.w_post.dtype != torch.bfloat16:
+            return f"layer {i} norms are not bf16"
+    return None
 
 
 def supports_int8(out_features: int, in_features: int) -> bool:

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+#include <omp.h>
 
 #define ROWS 4             /* output rows per tile */
 #define PREFETCH 512       /* bytes ahead in the tile's stream (measured best of 256..2048) */
@@ -289,6 +291,40 @@ static void tile_dot_rows_g32(const uint16_t *x, const uint8_t *tile, const floa
     sums_store(&sums, zterm, xsum, groups, y, N, n);
 }
 
+/* The sums of x over each group of G inputs (G % 16 == 0), for the zero-point offsets. */
+static void group_sums(const uint16_t *x, int K, int G, float *xsum) {
+    for (int g = 0; g < K / G; g++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int j = 0; j < G; j += 16) {
+            __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + g * G + j)));
+            acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+        }
+        xsum[g] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/* One token: rows 4t.. of y (or 4t.. and 4t+4.. with pair == 2) from tile t of the int4 weight. */
+static void int4_tile_m1(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+                         int t, int pair, int K, int G, const float *xsum) {
+    const int groups = K / G;
+    const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
+    float scale[2 * groups * ROWS], offset[2 * ROWS];
+    for (int p = 0; p < pair; p++)
+        tile_scales_offsets(sz + (size_t)(t + p) * groups * ROWS * 2, groups, xsum,
+                            scale + p * groups * ROWS, offset + p * ROWS);
+    if (pair == 2)
+        tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+    else if (G == 32)
+        tile_dot_g32(x, tile, scale, offset, y, t * ROWS, K);
+    else
+        tile_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+}
+
+/* one token, long rows, groups of 64+: tiles go in pairs that share each load of x (tile_pair_dot) */
+static inline int int4_pairing(int M, int N, int K, int G) {
+    return M == 1 && K > 8192 && G != 32 && (N / ROWS) % 2 == 0 ? 2 : 1;
+}
+
 /* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Needs N % 4 == 0, K % 64 == 0,
  * G == 32 or G % 64 == 0, and K % G == 0. Returns 0, or -1 when out of memory. */
 int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
@@ -297,32 +333,17 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
     float small[512];  /* group sums of x: on the stack for one token, else on the heap */
     float *xsum = (size_t)M * groups <= 512 ? small : malloc(sizeof(float) * (size_t)M * groups);
     if (xsum == NULL) return -1;
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int j = 0; j < G; j++) s += bf16_to_f32(x[(size_t)m * K + g * G + j]);
-            xsum[m * groups + g] = s;
-        }
+    for (int m = 0; m < M; m++) group_sums(x + (size_t)m * K, K, G, xsum + m * groups);
     const int tiles = N / ROWS;
-    /* one token, long rows, groups of 64+: tiles go in pairs (tile_pair_dot) */
-    const int pair = M == 1 && K > 8192 && G != 32 && tiles % 2 == 0 ? 2 : 1;
+    const int pair = int4_pairing(M, N, K, G);
     /* static schedule: each thread reads one contiguous run of tiles, which the prefetcher follows */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t += pair) {
-        const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
         if (M == 1) {
-            float scale[2 * groups * ROWS], offset[2 * ROWS];
-            for (int p = 0; p < pair; p++)
-                tile_scales_offsets(sz + (size_t)(t + p) * groups * ROWS * 2, groups, xsum,
-                                    scale + p * groups * ROWS, offset + p * ROWS);
-            if (pair == 2)
-                tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G);
-            else if (G == 32)
-                tile_dot_g32(x, tile, scale, offset, y, t * ROWS, K);
-            else
-                tile_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+            int4_tile_m1(x, w, sz, y, t, pair, K, G, xsum);
             continue;
         }
+        const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
         float scale[groups * ROWS], zterm[groups * ROWS];
         tile_scales(sz + (size_t)t * groups * ROWS * 2, groups * ROWS, scale, zterm);
         int m = 0;
@@ -349,41 +370,233 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
 /* int8: weights in tiles of 4 rows, [N/4][K/64][4][64] int8, per-row bf16 scales.
  * y[m][n] = scale[n] * sum_k x[m][k] * q[n][k]. A code v = 16 * (v >> 4) + (v & 15): both parts come
  * from 16-entry tables as exact bf16, so each 32 codes take two dot products and no conversions. */
-void zl_int8_mm(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y,
-                int M, int N, int K, int threads) {
-    const __m512i low = BF16_CODES; /* bf16(v & 15), indexed by the low 5 bits of the word */
-    /* bf16(16 * (v >> 4)): the arithmetic shift leaves -8..7, whose low 5 bits index 24..31 and 0..7 */
-    const __m512i high = _mm512_set_epi16(
-        0xC180, 0xC200, 0xC240, 0xC280, 0xC2A0, 0xC2C0, 0xC2E0, 0xC300, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0x42E0, 0x42C0, 0x42A0, 0x4280, 0x4240, 0x4200, 0x4180, 0x0000);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < N / ROWS; t++) {
-        const int8_t *tile = w + (size_t)t * ROWS * K;
-        for (int m = 0; m < M; m++) {
-            const uint16_t *xm = x + (size_t)m * K;
-            __m512 acc[ROWS][2];
+/* bf16(v & 15), indexed by the low 5 bits of the word */
+#define INT8_LOW BF16_CODES
+/* bf16(16 * (v >> 4)): the arithmetic shift leaves -8..7, whose low 5 bits index 24..31 and 0..7 */
+#define INT8_HIGH _mm512_set_epi16( \
+    0xC180, 0xC200, 0xC240, 0xC280, 0xC2A0, 0xC2C0, 0xC2E0, 0xC300, 0, 0, 0, 0, 0, 0, 0, 0, \
+    0, 0, 0, 0, 0, 0, 0, 0, 0x42E0, 0x42C0, 0x42A0, 0x4280, 0x4240, 0x4200, 0x4180, 0x0000)
+
+/* Rows 4t..4t+3 of y (one row of x) from tile t of the int8 weight. */
+static void int8_tile(const uint16_t *xm, const int8_t *w, const uint16_t *scales, uint16_t *ym, int t, int K) {
+    const __m512i low = INT8_LOW, high = INT8_HIGH;
+    const int8_t *tile = w + (size_t)t * ROWS * K;
+    __m512 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+    }
+    for (int k = 0; k < K; k += 64) {
+        const int8_t *chunk = tile + (size_t)k * ROWS;
+        for (int b = 0; b < ROWS * 64; b += 64) _mm_prefetch((const char *)(chunk + PREFETCH + b), _MM_HINT_T0);
+        for (int h = 0; h < 2; h++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k + 32 * h);
             for (int r = 0; r < ROWS; r++) {
-                acc[r][0] = _mm512_setzero_ps();
-                acc[r][1] = _mm512_setzero_ps();
-            }
-            for (int k = 0; k < K; k += 64) {
-                const int8_t *chunk = tile + (size_t)k * ROWS;
-                for (int b = 0; b < ROWS * 64; b += 64) _mm_prefetch((const char *)(chunk + PREFETCH + b), _MM_HINT_T0);
-                for (int h = 0; h < 2; h++) {
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k + 32 * h);
-                    for (int r = 0; r < ROWS; r++) {
-                        __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(chunk + r * 64 + 32 * h)));
-                        __m512i lo = _mm512_permutexvar_epi16(v, low);
-                        __m512i hi = _mm512_permutexvar_epi16(_mm512_srai_epi16(v, 4), high);
-                        acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)lo);
-                        acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)hi);
-                    }
-                }
-            }
-            for (int r = 0; r < ROWS; r++) {
-                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-                y[(size_t)m * N + t * ROWS + r] = f32_to_bf16(sum * bf16_to_f32(scales[t * ROWS + r]));
+                __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(chunk + r * 64 + 32 * h)));
+                __m512i lo = _mm512_permutexvar_epi16(v, low);
+                __m512i hi = _mm512_permutexvar_epi16(_mm512_srai_epi16(v, 4), high);
+                acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)lo);
+                acc[r][h] = _mm512_dpbf16_ps(acc[r][h], xv, (__m512bh)hi);
             }
         }
     }
+    for (int r = 0; r < ROWS; r++) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        ym[t * ROWS + r] = f32_to_bf16(sum * bf16_to_f32(scales[t * ROWS + r]));
+    }
+}
+
+void zl_int8_mm(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y,
+                int M, int N, int K, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < N / ROWS; t++)
+        for (int m = 0; m < M; m++) int8_tile(x + (size_t)m * K, w, scales, y + (size_t)m * N, t, K);
+}
+
+/* ---- One decode step of a Llama/Mistral decoder stack, for one token ----
+ *
+ * Why: a 135M model's layer does ~2 MB of weight reads but ~40 small torch ops, so in Python most of a
+ * token is dispatch overhead. Here every layer runs in one OpenMP region: the projections on the
+ * kernels above, the rest (RMSNorm, rotary embedding, KV-cache write, attention, SiLU) in between, with
+ * the rounding points of zlocal's torch forward (each torch op on bf16 computes in fp32 and rounds its
+ * output to bf16; attention mirrors PyTorch's CPU flash kernel: blocks of 512 keys, online softmax,
+ * probabilities rounded to bf16 before the product with V). */
+
+typedef struct {
+    int bits;                 /* 4: int4 (pack_int4 layout), 8: int8 (pack_int8 layout) */
+    int N, K, G;
+    const void *w;
+    const uint16_t *s;        /* int4: tiled scales and zeros; int8: per-row scales */
+} ZlMat;
+
+typedef struct {
+    const uint16_t *w_in, *w_post;   /* RMSNorm weights [hidden] */
+    float eps_in, eps_post;
+    ZlMat qkv, o, gate_up, down;     /* q/k/v and gate/up fused along the outputs */
+    uint16_t *k_cache, *v_cache;     /* [kv_heads][max_tokens][head_dim] */
+} ZlLayer;
+
+typedef struct {
+    int layers, hidden, heads, kv_heads, head_dim, inter, max_tokens, window;
+    float scale;                     /* attention scale */
+} ZlDims;
+
+#define KV_BLOCK 512
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Called by every thread of a parallel region: y = W x, tiles split statically between the threads. */
+static void mat_vec(const ZlMat *m, const uint16_t *x, uint16_t *y) {
+    if (m->bits == 8) {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < m->N / ROWS; t++) int8_tile(x, (const int8_t *)m->w, m->s, y, t, m->K);
+        return;
+    }
+    float xsum[m->K / m->G];
+    group_sums(x, m->K, m->G, xsum);
+    const int pair = int4_pairing(1, m->N, m->K, m->G);
+    #pragma omp for schedule(static)
+    for (int t = 0; t < m->N / ROWS; t += pair)
+        int4_tile_m1(x, (const uint8_t *)m->w, m->s, y, t, pair, m->K, m->G, xsum);
+}
+
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), as zlocal's torch RMSNorm rounds it */
+static void rms_norm(const uint16_t *x, const uint16_t *w, float eps, int n, uint16_t *out) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = load_bf16x16(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) ss += bf16_to_f32(x[i]) * bf16_to_f32(x[i]);
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i < n; i++)
+        out[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * r)));
+}
+
+/* x * cos + roll(x, d/2) * sin, each product and the sum rounded to bf16 (sin's first half negated) */
+static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int d) {
+    uint16_t in[256];
+    memcpy(in, x, sizeof(uint16_t) * d);
+    const int half = d / 2;
+    for (int i = 0; i < d; i++) {
+        float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(in[i]) * bf16_to_f32(cos[i])));
+        float b = bf16_to_f32(f32_to_bf16(bf16_to_f32(in[(i + half) % d]) * bf16_to_f32(sin[i])));
+        x[i] = f32_to_bf16(a + b);
+    }
+}
+
+/* One query head over keys lo..end-1 of its K/V head; d % 16 == 0, d <= 256. */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int lo, int end, int d,
+                   float scale, float *scores, uint16_t *out) {
+    __m512 acc[16];
+    const int vecs = d / 16;
+    for (int v = 0; v < vecs; v++) acc[v] = _mm512_setzero_ps();
+    float max = -INFINITY, sum = 0.f;
+    for (int n0 = lo; n0 < end; n0 += KV_BLOCK) {
+        const int nb = end - n0 < KV_BLOCK ? end - n0 : KV_BLOCK;
+        float bmax = -INFINITY;
+        for (int j = 0; j < nb; j++) {
+            const uint16_t *k = keys + (size_t)(n0 + j) * d;
+            __m512 dot = _mm512_setzero_ps();
+            for (int c = 0; c < d; c += 32) { /* a last 16 dims read as 32 with the upper half zeroed */
+                const __mmask32 live = d - c >= 32 ? 0xFFFFFFFFu : 0xFFFFu;
+                dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(live, q + c),
+                                       (__m512bh)_mm512_maskz_loadu_epi16(live, k + c));
+            }
+            scores[j] = _mm512_reduce_add_ps(dot) * scale;
+            if (scores[j] > bmax) bmax = scores[j];
+        }
+        const float new_max = bmax > max ? bmax : max;
+        float bsum = 0.f;
+        for (int j = 0; j < nb; j++) {
+            const float e = expf(scores[j] - new_max);
+            bsum += e;
+            scores[j] = bf16_to_f32(f32_to_bf16(e));
+        }
+        const float correction = expf(max - new_max); /* 0 for the first block */
+        sum = bsum + correction * sum;
+        max = new_max;
+        if (n0 > lo)
+            for (int v = 0; v < vecs; v++) acc[v] = _mm512_mul_ps(acc[v], _mm512_set1_ps(correction));
+        for (int j = 0; j < nb; j++) {
+            const uint16_t *val = values + (size_t)(n0 + j) * d;
+            const __m512 p = _mm512_set1_ps(scores[j]);
+            for (int v = 0; v < vecs; v++) acc[v] = _mm512_fmadd_ps(p, load_bf16x16(val + 16 * v), acc[v]);
+        }
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (int v = 0; v < vecs; v++) {
+        float o[16];
+        _mm512_storeu_ps(o, _mm512_mul_ps(acc[v], inv));
+        for (int i = 0; i < 16; i++) out[16 * v + i] = f32_to_bf16(o[i]);
+    }
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* h [hidden] bf16, the token's embedding, becomes the last layer's output (before the final norm).
+ * cos/sin: the rotary rows of position pos. The caches get position pos; attention reads positions
+ * max(0, pos + 1 - window)..pos. Returns 0, or -1 when out of memory. */
+int zl_decode_layers(const ZlDims *d, const ZlLayer *layers, uint16_t *h, int pos,
+                     const uint16_t *cos, const uint16_t *sin, int threads) {
+    const int H = d->hidden, hd = d->head_dim, nq = d->heads, nkv = d->kv_heads, I = d->inter;
+    const int end = pos + 1, lo = d->window > 0 && end > d->window ? end - d->window : 0;
+    const size_t qkv_n = (size_t)(nq + 2 * nkv) * hd;
+    uint16_t *buf = malloc(sizeof(uint16_t) * (2 * (size_t)H + qkv_n + (size_t)nq * hd + 3 * (size_t)I));
+    float *scores = malloc(sizeof(float) * KV_BLOCK * (size_t)threads);
+    if (buf == NULL || scores == NULL) {
+        free(buf);
+        free(scores);
+        return -1;
+    }
+    uint16_t *xn = buf, *tmp = xn + H, *qkv = tmp + H, *att = qkv + qkv_n, *gu = att + (size_t)nq * hd;
+    uint16_t *act = gu + 2 * (size_t)I;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *my_scores = scores + KV_BLOCK * (size_t)omp_get_thread_num();
+        for (int l = 0; l < d->layers; l++) {
+            const ZlLayer *L = layers + l;
+            #pragma omp single
+            rms_norm(h, L->w_in, L->eps_in, H, xn);
+            mat_vec(&L->qkv, xn, qkv);
+            #pragma omp for schedule(static)
+            for (int head = 0; head < nq + nkv; head++) {
+                uint16_t *x = qkv + (size_t)head * hd;
+                rope(x, cos, sin, hd);
+                if (head >= nq) {
+                    const size_t at = ((size_t)(head - nq) * d->max_tokens + pos) * hd;
+                    memcpy(L->k_cache + at, x, sizeof(uint16_t) * hd);
+                    memcpy(L->v_cache + at, x + (size_t)nkv * hd, sizeof(uint16_t) * hd);
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int head = 0; head < nq; head++) {
+                const size_t kv = (size_t)(head / (nq / nkv)) * d->max_tokens * hd;
+                attend(qkv + (size_t)head * hd, L->k_cache + kv, L->v_cache + kv, lo, end, hd, d->scale,
+                       my_scores, att + (size_t)head * hd);
+            }
+            mat_vec(&L->o, att, tmp);
+            #pragma omp single
+            {
+                for (int i = 0; i < H; i++) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(tmp[i]));
+                rms_norm(h, L->w_post, L->eps_post, H, xn);
+            }
+            mat_vec(&L->gate_up, xn, gu);
+            #pragma omp for schedule(static)
+            for (int i = 0; i < I; i++) {
+                const float g = bf16_to_f32(f32_to_bf16(silu(bf16_to_f32(gu[i]))));
+                act[i] = f32_to_bf16(g * bf16_to_f32(gu[I + i]));
+            }
+            mat_vec(&L->down, act, tmp);
+            #pragma omp single
+            for (int i = 0; i < H; i++) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(tmp[i]));
+        }
+    }
+    free(buf);
+    free(scores);
+    return 0;
 }
