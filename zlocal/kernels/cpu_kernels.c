@@ -489,12 +489,34 @@ static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int d) {
     }
 }
 
+/* e^x for x <= 0 (softmax terms), 16 lanes: 2^n * P(r) with r = x - n ln2 in [-ln2/2, ln2/2] and P the
+   degree-6 Taylor polynomial (relative error below 2e-7, a few fp32 ulps; the result is rounded to
+   bf16 before use). */
+static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f)); /* e^-104 is below fp32's smallest value */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* One query head over keys lo..end-1 of its K/V head; d % 16 == 0, d <= 256. */
 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int lo, int end, int d,
                    float scale, float *scores, uint16_t *out) {
     __m512 acc[16];
-    const int vecs = d / 16;
+    __m512bh qv[8];
+    const int vecs = d / 16, pairs = (d + 31) / 32;
     for (int v = 0; v < vecs; v++) acc[v] = _mm512_setzero_ps();
+    for (int c = 0; c < pairs; c++) /* a last 16 dims read as 32 with the upper half zeroed */
+        qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(d - 32 * c >= 32 ? 0xFFFFFFFFu : 0xFFFFu, q + 32 * c);
     float max = -INFINITY, sum = 0.f;
     for (int n0 = lo; n0 < end; n0 += KV_BLOCK) {
         const int nb = end - n0 < KV_BLOCK ? end - n0 : KV_BLOCK;
@@ -502,23 +524,27 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         for (int j = 0; j < nb; j++) {
             const uint16_t *k = keys + (size_t)(n0 + j) * d;
             __m512 dot = _mm512_setzero_ps();
-            for (int c = 0; c < d; c += 32) { /* a last 16 dims read as 32 with the upper half zeroed */
-                const __mmask32 live = d - c >= 32 ? 0xFFFFFFFFu : 0xFFFFu;
-                dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(live, q + c),
-                                       (__m512bh)_mm512_maskz_loadu_epi16(live, k + c));
-            }
+            for (int c = 0; c < pairs; c++)
+                dot = _mm512_dpbf16_ps(dot, qv[c],
+                                       (__m512bh)_mm512_maskz_loadu_epi16(d - 32 * c >= 32 ? 0xFFFFFFFFu : 0xFFFFu,
+                                                                          k + 32 * c));
             scores[j] = _mm512_reduce_add_ps(dot) * scale;
             if (scores[j] > bmax) bmax = scores[j];
         }
         const float new_max = bmax > max ? bmax : max;
-        float bsum = 0.f;
-        for (int j = 0; j < nb; j++) {
-            const float e = expf(scores[j] - new_max);
-            bsum += e;
-            scores[j] = bf16_to_f32(f32_to_bf16(e));
+        __m512 bsum = _mm512_setzero_ps();
+        for (int j = 0; j < nb; j += 16) {
+            const __mmask16 live = nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + j), _mm512_set1_ps(new_max)));
+            e = _mm512_maskz_mov_ps(live, e);
+            bsum = _mm512_add_ps(bsum, e);
+            /* the probabilities meet V in bf16 (round to nearest even), as in PyTorch's kernel */
+            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(e);
+            _mm512_mask_storeu_ps(scores + j, live,
+                                  _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
         }
         const float correction = expf(max - new_max); /* 0 for the first block */
-        sum = bsum + correction * sum;
+        sum = _mm512_reduce_add_ps(bsum) + correction * sum;
         max = new_max;
         if (n0 > lo)
             for (int v = 0; v < vecs; v++) acc[v] = _mm512_mul_ps(acc[v], _mm512_set1_ps(correction));
