@@ -3,6 +3,7 @@ the fallbacks when they cannot run, and the build cache."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 
 import pytest
@@ -172,6 +173,24 @@ def test_a_wrong_kernel_fails_its_self_check(which):
 
     assert f"({which}" in cpu_kernels._self_check(Off())
     assert cpu_kernels._self_check(kernel) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_stack_self_check(threads, monkeypatch):
+    # the whole-layer decode kernel is checked against a float layer before any model uses it
+    kernel = _kernel()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert cpu_kernels._stack_self_check(kernel) is None
+
+    class Off:
+        def _decode(self, dims, layers, h, *args):
+            err = kernel._decode(dims, layers, h, *args)
+            hidden = ctypes.cast(dims, ctypes.POINTER(cpu_kernels._Dims)).contents.hidden
+            out = torch.frombuffer((ctypes.c_uint16 * hidden).from_address(h), dtype=torch.bfloat16)
+            out.mul_(1.05)  # 5%: far beyond rounding
+            return err
+
+    assert "decode self-check" in cpu_kernels._stack_self_check(Off())
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

@@ -308,6 +308,71 @@ def _self_check(kernel: CpuKernels) -> str | None:
     return None
 
 
+def _stack_self_check(kernel: CpuKernels) -> str | None:
+    """One decoder layer (int8 q/k/v and down, int4 o and gate/up) through ``DecodeStack`` against
+    the same layer computed in float from the dequantized weights; what went wrong, or None."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(1)
+    hidden, heads, kv_heads, d, inter, pos, ctx = 64, 4, 2, 16, 128, 5, 8
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    def int8(n, k):
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scales = rand(n, scale=0.002).abs()
+        mod = SimpleNamespace(bits=8, out_features=n, in_features=k, weight=pack_int8(q), scales=scales)
+        return mod, q.float() * scales.float()[:, None]
+
+    def int4(n, k, g=32):
+        codes = torch.randint(0, 16, (n, k), generator=gen)
+        sz = torch.stack([rand(k // g, n, scale=0.02).abs(), rand(k // g, n, scale=0.02)], dim=-1)
+        mod = SimpleNamespace(bits=4, out_features=n, in_features=k, group_size=g, weight=pack_int4(codes),
+                              scales_and_zeros=pack_scales(sz))
+        return mod, dequantize_int4(codes, sz, g)
+
+    (qkv, w_qkv), (o, w_o) = int8((heads + 2 * kv_heads) * d, hidden), int4(hidden, heads * d)
+    (gate_up, w_gu), (down, w_down) = int4(2 * inter, hidden), int8(hidden, inter)
+    w_in, w_post = rand(hidden, scale=0.1) + 1, rand(hidden, scale=0.1) + 1
+    keys, values = rand(1, kv_heads, ctx, d), rand(1, kv_heads, ctx, d)
+    angle = torch.rand(d // 2, generator=gen) * 6.28
+    cos, sin = torch.cat([angle.cos()] * 2).to(torch.bfloat16), torch.cat([angle.sin()] * 2)
+    sin_neg = torch.cat([-sin[: d // 2], sin[d // 2 :]]).to(torch.bfloat16)
+    h = rand(hidden)
+    layer = StackLayer(w_in, 1e-5, qkv, o, w_post, 1e-5, gate_up, down, keys.clone(), values.clone())
+    got = h.clone()
+    DecodeStack(kernel, [layer], heads=heads, kv_heads=kv_heads, head_dim=d, window=None, scale=d**-0.5)(
+        got, pos, cos, sin_neg
+    )
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean() + 1e-5) * w.float()
+
+    def rope(x):
+        return x * cos.float() + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1) * sin.float()
+
+    x = h.float()
+    out = (rms(x, w_in) @ w_qkv.t()).view(heads + 2 * kv_heads, d)
+    q, k, v = rope(out[:heads]), rope(out[heads : heads + kv_heads]), out[heads + kv_heads :]
+    ks, vs = keys[0].float(), values[0].float()
+    ks[:, pos], vs[:, pos] = k, v
+    group = heads // kv_heads
+    att = torch.cat([
+        torch.softmax(ks[i // group, : pos + 1] @ q[i] * d**-0.5, dim=0) @ vs[i // group, : pos + 1]
+        for i in range(heads)
+    ])
+    x = x + att @ w_o.t()
+    gu = rms(x, w_post) @ w_gu.t()
+    want = x + (torch.nn.functional.silu(gu[:inter]) * gu[inter:]) @ w_down.t()
+    err = (got.float() - want).abs().max().item()
+    tol = 0.02 * want.abs().max().item()
+    key_err = (layer.keys[0, :, pos].float() - k).abs().max().item()
+    if not (err <= tol and key_err <= 0.02 * k.abs().max().item()):
+        return f"decode self-check error {err:.4g} > {tol:.4g} (or cached keys off by {key_err:.4g})"
+    return None
+
+
 def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """Float weights [N, K] from codes [N, K] and torch's [K/G, N, 2] scales and zeros."""
     n, k = codes.shape
@@ -332,7 +397,7 @@ def kernels() -> CpuKernels | None:
     if reason is None:
         try:
             kernel = CpuKernels(_build(cc))
-            reason = _self_check(kernel)
+            reason = _self_check(kernel) or _stack_self_check(kernel)
         except (OSError, subprocess.SubprocessError) as exc:
             reason = f"build failed: {exc}"
     if reason is None:
