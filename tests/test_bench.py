@@ -27,6 +27,8 @@ def test_bench_command_json(tiny_zephyr, capsys):
     assert r["peak_rss_bytes"] > 50 * 2**20
     assert r["peak_vram_bytes"] is None  # CPU run
     assert len(r["loadavg_before"]) == 3 and r["torch_threads"] == 2
+    # the tiny checkpoint is fp32: int8 layers on PyTorch's kernels, so no whole-layer decode kernel
+    assert r["decode_path"] == "zlocal lean forward (decode kernel off: needs bf16 weights on the CPU)"
     m = r["multiturn"]
     assert m["turns"] == 5
     assert m["prefilled_tokens_full"] == m["conversation_tokens"]

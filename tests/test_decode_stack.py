@@ -7,7 +7,7 @@ import torch
 
 import zlocal
 from zlocal import cpu_kernels
-from zlocal.bench import cpu_plan
+from zlocal.bench import cpu_plan, decode_path
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +81,7 @@ def test_stack_greedy_equals_torch_forward_smollm2(smollm2, fmt):
     rt = _load(smollm2, fmt)
     ff = rt.engine.fast
     assert ff.stack_reason is None
+    assert decode_path(rt.engine).startswith("zlocal decode kernel")  # what `zlocal bench` reports
     ids = rt.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
 
     def greedy(stack):

@@ -68,9 +68,20 @@ class BenchReport:
     machine: dict[str, Any] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
     multiturn: MultiTurnReport | None = None
+    decode_path: str = ""  # which forward generated the tokens (see ``decode_path``)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def decode_path(engine) -> str:
+    """Which forward generates tokens on ``engine``, and why not a faster one."""
+    fast = engine.fast
+    if fast is None:
+        return f"transformers forward (lean forward off: {engine.fast_reason})"
+    if fast.stack_reason is None:
+        return "zlocal decode kernel (every layer in one call per token)"
+    return f"zlocal lean forward (decode kernel off: {fast.stack_reason})"
 
 
 def machine_info() -> dict[str, Any]:
@@ -245,6 +256,7 @@ def run_bench(
         machine=machine_info(),
         runs=runs,
         multiturn=mt,
+        decode_path=decode_path(rt.engine),
     )
 
 

@@ -1,4 +1,5 @@
-"""zlocal's own CPU kernels: int4 and int8 weight-only matrix products for AVX-512 BF16 CPUs.
+"""zlocal's own CPU kernels for AVX-512 BF16 CPUs: int4 and int8 weight-only matrix products, and a
+one-token decode step through every decoder layer in one call (``DecodeStack``).
 
 Decode reads every weight once per token, so on a CPU it is bound by memory bandwidth. PyTorch's
 weight-only kernels fall well short of it on a 2-core AVX-512 VM: on Mistral-7B's gate/up shape
@@ -32,7 +33,9 @@ import torch
 
 from .paths import cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_kernels.c"
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCES = [KERNEL_DIR / "cpu_kernels.c", KERNEL_DIR / "decode.c"]  # one library
+HEADERS = [KERNEL_DIR / "cpu_kernels.h"]
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # the layouts' constraints (see the C file): whole 4-row tiles, whole 64-code chunks per group
@@ -58,8 +61,8 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    """Compile SOURCE into the cache (once per source, flags and compiler); returns the library."""
-    source = SOURCE.read_bytes()
+    """Compile SOURCES into the cache (once per source, flags and compiler); returns the library."""
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     key = hashlib.sha256(source + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     lib = out_dir / f"cpu_kernels-{key}.so"
@@ -69,7 +72,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cc, *CFLAGS, "-shared", str(SOURCE), "-o", tmp]
+        cmd = [cc, *CFLAGS, "-shared", *map(str, SOURCES), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]

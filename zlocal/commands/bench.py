@@ -83,6 +83,7 @@ def _print(r, out) -> None:
         f"load         {r.load_seconds:.2f} s",
         f"prefill      {r.prefill_tok_s:.1f} tok/s  ({r.prompt_tokens} tokens)",
         f"decode       {r.decode_tok_s:.2f} tok/s  ({r.new_tokens} tokens, median of {r.repeats})",
+        f"decode path  {r.decode_path}",
         f"first token  {r.time_to_first_token_s * 1000:.0f} ms",
         f"peak RSS     {r.peak_rss_bytes / 2**20:.0f} MiB"
         + (f", peak VRAM {r.peak_vram_bytes / 2**20:.0f} MiB" if r.peak_vram_bytes is not None else ""),
