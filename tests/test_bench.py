@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zlocal import cli
+from zlocal import cli, cpu_kernels
 from zlocal.bench import conversation, measure_multiturn, run_bench, synthetic_prompt
 from zlocal.engine import common_prefix
 from zlocal.errors import InvalidArgumentError
@@ -27,8 +27,9 @@ def test_bench_command_json(tiny_zephyr, capsys):
     assert r["peak_rss_bytes"] > 50 * 2**20
     assert r["peak_vram_bytes"] is None  # CPU run
     assert len(r["loadavg_before"]) == 3 and r["torch_threads"] == 2
-    # the tiny checkpoint is fp32: int8 layers on PyTorch's kernels, so no whole-layer decode kernel
-    assert r["decode_path"] == "zlocal lean forward (decode kernel off: needs bf16 weights on the CPU)"
+    # bf16 int8 layers on zlocal's own kernels decode in one call per token; else the lean forward
+    on_kernel = r["dtype"] == "bfloat16" and cpu_kernels.kernels() is not None
+    assert r["decode_path"].startswith("zlocal decode kernel" if on_kernel else "zlocal lean forward ("), r
     m = r["multiturn"]
     assert m["turns"] == 5
     assert m["prefilled_tokens_full"] == m["conversation_tokens"]
