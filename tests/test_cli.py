@@ -94,13 +94,19 @@ def test_user_mistakes_are_one_line_errors(args, needle):
     assert len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_unreadable_checkpoint_is_one_line(tmp_path, tiny_zephyr):
+@pytest.mark.parametrize("plan", ["dense", "int8"])
+def test_unreadable_checkpoint_is_one_line(tmp_path, tiny_zephyr, plan):
+    # both loaders: transformers' from_pretrained (dense) and zlocal's streaming quantize-on-load
     import shutil
+
+    from zlocal.bench import cpu_plan
+    from zlocal.plan import save_plan
 
     d = tmp_path / "broken"
     shutil.copytree(tiny_zephyr, d)
     (d / "model.safetensors").write_bytes(b"garbage")
-    r = zlocal("chat", str(d), "-p", "hi")
+    plan_file = save_plan(cpu_plan(str(d), plan, max_context=64), tmp_path / "plan.json")
+    r = zlocal("chat", str(d), "-p", "hi", "--plan", str(plan_file))
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "cannot load weights" in r.stderr.strip().splitlines()[-1]
 

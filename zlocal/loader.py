@@ -407,7 +407,7 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
     time, quantizing decoder Linears as the plan says. Returns (model, device_map)."""
     from accelerate import dispatch_model, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
@@ -436,10 +436,12 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
                         set_tensor=set_module_tensor_to_device,
                     )
                     seen.add(key)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             if _is_oom(exc):
                 raise
-            raise CheckpointError(f"{resolved.name}: cannot read {file.name}: {_first_line(exc)}") from exc
+            raise CheckpointError(
+                f"{resolved.name}: cannot load weights: {file.name}: {_first_line(exc)}"
+            ) from exc
     _finish_tied(model, config, seen, device_map, dtype)
     missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
     if missing:
