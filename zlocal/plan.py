@@ -39,9 +39,12 @@ GPU_EFFICIENCY = {
     "gptq": 0.6,
 }
 GPU_LAYER_OVERHEAD_S = 0.0003  # python + kernel launches per decoder layer, eager mode
-# python + small ops per decoder layer on the CPU; calibrated on SmolLM2-135M here (2 cores, bf16:
-# 12 tok/s measured where bandwidth alone predicts ~35), it matters little for 7B models
-CPU_LAYER_OVERHEAD_S = 0.0015
+# Python + small ops per decoder layer on the CPU (the lean forward): SmolLM2-135M's 30 layers cost
+# 3.6-3.8 ms per token beyond their matrix products on a 2-core AMD EPYC VM, in bf16, int8 and int4
+CPU_LAYER_OVERHEAD_S = 0.00013
+# the same on zlocal's one-call decode kernel (bf16 int8/int4 layers on its own kernels): norms,
+# rotary, attention and barriers, about 1 ms for SmolLM2's 30 layers at short context
+CPU_KERNEL_LAYER_OVERHEAD_S = 0.00003
 QUALITY = {
     "fp32": 1.0,
     "bf16": 1.0,
@@ -189,7 +192,7 @@ class _Budget:
     gpu_bw: float
     cpu_bw: float
     cores: int
-    own_int4: bool = False  # zlocal's int4 CPU kernel runs on this machine
+    own_int4: bool = False  # zlocal's own int4/int8 CPU kernels (and the decode kernel) run here
 
 
 @dataclass
@@ -283,9 +286,10 @@ def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: s
     if n - g:
         eff = cpu_efficiency(cpu_fmt, b.cores, b.own_int4)
         per_layer = layer_weight_bytes(shape, cpu_fmt, compute_bytes, bits, group_size)
-        t += (n - g) * (
-            per_layer / (b.cpu_bw * 1e9 * eff) + kv_half / (b.cpu_bw * 1e9 * 0.9) + CPU_LAYER_OVERHEAD_S
-        )
+        # every layer on the CPU in int8/int4 over bf16 runs on the decode kernel (fastpath)
+        one_call = b.own_int4 and not g and cpu_fmt in ("int8", "int4") and spec.compute == "bf16"
+        overhead = CPU_KERNEL_LAYER_OVERHEAD_S if one_call else CPU_LAYER_OVERHEAD_S
+        t += (n - g) * (per_layer / (b.cpu_bw * 1e9 * eff) + kv_half / (b.cpu_bw * 1e9 * 0.9) + overhead)
         if not g:
             t += head / (b.cpu_bw * 1e9 * cpu_efficiency(head_fmt or "bf16", b.cores))
     if g and n - g:
