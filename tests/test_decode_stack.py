@@ -34,15 +34,15 @@ def _forced(rt, prompt, tokens, stack: bool):
         ff.stack_reason = saved
 
 
-def _assert_follows(got, want):
+def _assert_follows(got, want, tol_max=0.02, tol_mean=0.004):
     """Each step within bf16 rounding of the torch forward, and the same greedy token wherever
     the torch forward's top two logits are further apart than that rounding. Rounding differences
     (exp, summation order) are sparse: on average the logits differ by 0.25% here, while an error
     as small as 1% in the attention probabilities doubles that."""
     mean = [((g - w).abs().mean() / w.abs().mean()).item() for g, w in zip(got, want, strict=True)]
-    assert sum(mean) / len(mean) <= 0.004
+    assert sum(mean) / len(mean) <= tol_mean
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
-        tol = 0.02 * w.abs().max().item()
+        tol = tol_max * w.abs().max().item()
         assert (g - w).abs().max().item() <= tol, f"step {step}"
         top = w.topk(2).values
         if top[0] - top[1] > 2 * tol:
@@ -95,6 +95,18 @@ def test_stack_greedy_equals_torch_forward_smollm2(smollm2, fmt):
             ff.stack_reason = saved
 
     assert greedy(True) == greedy(False)
+
+
+def test_stack_follows_the_torch_forward_past_one_key_block(smollm2):
+    # more than 512 cached positions: attention runs the online softmax over several key blocks.
+    # Random tokens give flat distributions and 30 layers amplify rounding: about 0.4-0.8% here,
+    # where a missing rescale between blocks gives 29-38%.
+    rt = _load(smollm2, "int4", ctx=1024)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 49152, (600,), generator=gen).tolist()
+    tokens = torch.randint(3, 49152, (12,), generator=gen).tolist()
+    stack, torch_path = _forced(rt, prompt, tokens, stack=True), _forced(rt, prompt, tokens, stack=False)
+    _assert_follows(stack, torch_path, tol_max=0.04, tol_mean=0.012)
 
 
 def test_stack_runs_only_on_quantized_bf16_layers(tiny_zephyr):

@@ -317,7 +317,8 @@ def _stack_self_check(kernel: CpuKernels) -> str | None:
     from types import SimpleNamespace
 
     gen = torch.Generator().manual_seed(1)
-    hidden, heads, kv_heads, d, inter, pos, ctx = 64, 4, 2, 16, 128, 5, 8
+    # 601 positions: attention's online softmax crosses a 512-key block
+    hidden, heads, kv_heads, d, inter, pos, ctx = 64, 4, 2, 16, 128, 600, 608
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
@@ -339,6 +340,7 @@ def _stack_self_check(kernel: CpuKernels) -> str | None:
     (gate_up, w_gu), (down, w_down) = int4(2 * inter, hidden), int8(hidden, inter)
     w_in, w_post = rand(hidden, scale=0.1) + 1, rand(hidden, scale=0.1) + 1
     keys, values = rand(1, kv_heads, ctx, d), rand(1, kv_heads, ctx, d)
+    keys[:, :, 512:] *= 4  # the largest scores in the second block: its rescaling matters
     angle = torch.rand(d // 2, generator=gen) * 6.28
     cos, sin = torch.cat([angle.cos()] * 2).to(torch.bfloat16), torch.cat([angle.sin()] * 2)
     sin_neg = torch.cat([-sin[: d // 2], sin[d // 2 :]]).to(torch.bfloat16)
