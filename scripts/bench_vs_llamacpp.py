@@ -110,8 +110,10 @@ def build_mistral(layers: int, tokenizer_dir: Path) -> Path:
     return out
 
 
-def gguf_files(model_dir: Path, name: str, src: Path) -> dict[str, Path]:
-    """f16 GGUF via llama.cpp's converter, then Q8_0 and Q4_0 via llama.cpp's quantizer (cached)."""
+def gguf_files(model_dir: Path, name: str, src: Path, head: str = "default") -> dict[str, Path]:
+    """f16 GGUF via llama.cpp's converter, then Q8_0 and Q4_0 via llama.cpp's quantizer (cached).
+    ``head="q8_0"`` keeps the Q4_0 file's output layer at Q8_0 (llama.cpp's default there is Q6_K),
+    the same 8 bits as zlocal's int8 output layer."""
     d = bench_dir() / "gguf"
     d.mkdir(exist_ok=True)
     f16 = d / f"{name}-f16.gguf"
@@ -133,14 +135,16 @@ def gguf_files(model_dir: Path, name: str, src: Path) -> dict[str, Path]:
         tmp.rename(f16)
     out = {}
     for _bits, (_, qtype) in PAIRS.items():
-        q = d / f"{name}-{qtype.lower()}.gguf"
+        q8_head = head == "q8_0" and qtype == "Q4_0"
+        q = d / f"{name}-{qtype.lower()}{'-head-q8_0' if q8_head else ''}.gguf"
         if not q.exists():
             tmp = q.with_suffix(".tmp")
             code = (
                 "import llama_cpp as l, sys\n"
                 "p = l.llama_model_quantize_default_params()\n"
                 f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{qtype}; p.nthread = 2\n"
-                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
+                + ("p.output_tensor_type = l.GGML_TYPE_Q8_0\n" if q8_head else "")
+                + "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
             )
             subprocess.run(
                 [sys.executable, "-c", code, str(f16), str(tmp)],
@@ -336,6 +340,13 @@ def main() -> None:
         help="llama.cpp's extra buffer types (weight repacking, AMX); auto: on unless the CPU reports "
         "AMX, whose ggml path crashed on a VM here",
     )
+    ap.add_argument(
+        "--llama-head",
+        choices=["default", "q8_0"],
+        default="default",
+        help="llama.cpp's output layer in the 4-bit files: its default (Q6_K) or Q8_0, the same 8 bits "
+        "as zlocal's int8 output layer",
+    )
     ap.add_argument("--out", default="bench-results/vs_llamacpp.json")
     args = ap.parse_args()
     args.llama_extra_buffers = (
@@ -350,6 +361,7 @@ def main() -> None:
     result = {
         "machine": {**machine_info(), "read_bandwidth_gbs": bw, "threads": args.threads},
         "llama_cpp_extra_buffers": args.llama_extra_buffers,
+        "llama_head": args.llama_head,
         "loadavg_start": loadavg(),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -366,7 +378,7 @@ def main() -> None:
             key = f"mistral-7b-shape-l{args.mistral_layers}"
         else:
             raise SystemExit(f"unknown model {name!r}; use smollm2 or mistral")
-        ggufs = gguf_files(model_dir, key, src)
+        ggufs = gguf_files(model_dir, key, src, args.llama_head)
         entry = result["models"].setdefault(key, {})
         for bits in (int(b) for b in args.bits.split(",")):
             fmt, qtype = PAIRS[bits]
