@@ -51,7 +51,7 @@ def test_fast_equals_hf_forward_smollm2(smollm2_runtime):
 
 
 def test_fast_logits_close_to_hf_in_bf16(smollm2):
-    rt = zlocal.load(str(smollm2), dtype="bfloat16", max_context=256)
+    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=256)  # dense bf16
     ids = rt.encode("Copper is a metal that")
     e = rt.engine
     e.reset()
@@ -124,7 +124,7 @@ def test_packed_weights_replace_the_dense_ones(smollm2, monkeypatch):
 
 
 def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2):
-    rt = zlocal.load(str(smollm2), dtype="bfloat16", max_context=256)
+    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=256)  # dense bf16
     ids = rt.encode_chat([{"role": "user", "content": "List three uses of copper."}])
     assert _greedy(rt, ids, 24, fast=True) == _greedy(rt, ids, 24, fast=False)
 
