@@ -41,7 +41,7 @@ static void mat_vec(const ZlMat *m, const uint16_t *x, uint16_t *y) {
         for (int t = 0; t < m->N / ROWS; t++) zl_int8_tile(x, (const int8_t *)m->w, m->s, y, t, m->K);
         return;
     }
-    float xsum[m->K / m->G];
+    float xsum[m->K / m->G]; /* every thread sums x itself: K adds, cheaper than another barrier */
     zl_group_sums(x, m->K, m->G, xsum);
     const int pair = zl_int4_pairing(1, m->N, m->K, m->G);
     #pragma omp for schedule(static)
