@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from zlocal import cpu_kernels
+from zlocal.bench import decode_path
 from zlocal.convert import convert
 from zlocal.manifest import verify
 
@@ -50,6 +52,17 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
     rt = zlocal.load(str(out), dtype="bfloat16", max_context=64)
     toks = [x.token for x in rt.stream_tokens([1, 22557, 736], max_new_tokens=4, temperature=0) if x.token]
     assert len(hf) == 4 and len(toks) == 4
+    # 4-bit layers move to zlocal's int4 kernel where it runs (checked against gptqmodel's output)
+    on_kernel = bits == 4 and cpu_kernels.kernels() is not None
+    assert any(f"GPTQ layers ({7 * 2}) run on zlocal" in r for r in rt.plan.reasons) == on_kernel
+    assert (type(rt.model.model.layers[1].mlp.down_proj).__name__ == "Int4WeightOnlyLinear") == on_kernel
+    assert decode_path(rt.engine).startswith("zlocal decode kernel") == on_kernel
+    native = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.bfloat16)
+    ids = [1, 22557, 736, 28725, 910]
+    want = native(torch.tensor([ids])).logits[0, -1].float()
+    rt.engine.reset()
+    got = rt.engine.prefill(ids).float()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999
     m = json.loads((out / "zlocal.json").read_text())
     assert m["method"] == method and m["group_size"] == 32 and "gptqmodel" in m["versions"]
     assert m["conversion"]["options"]["sym"] is False and m["conversion"]["options"]["gptaq_alpha"] == 0.25

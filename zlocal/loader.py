@@ -310,9 +310,16 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
         device = lp.gpu_device or "cpu"
         loaded = load_model(resolved, dtype=dtype, device=device, device_map={"": device})
         if device == "cpu":
+            from .gptq_cpu import swap_gptq_for_cpu
+
             swapped = swap_bnb_int8_for_cpu(loaded.model, dtype)
             if swapped:
                 lp.reasons.append(f"bitsandbytes int8 layers ({swapped}) run on the fused CPU int8 kernel")
+            gptq, why_not = swap_gptq_for_cpu(loaded.model, resolved.path, dtype)
+            if gptq:
+                lp.reasons.append(f"GPTQ layers ({gptq}) run on zlocal's CPU int4 kernel")
+            if why_not and source_quantization(config).get("quant_method") == "gptq":
+                lp.reasons.append(f"GPTQ layers left on gptqmodel's kernel: {why_not}")
     elif lp.gpu_format in dense and lp.cpu_format in dense and (lp.gpu_layers in (0, n)):
         loaded = load_model(resolved, dtype=dtype, device=lp.gpu_device or "cpu")
     elif resolved.weights_format != "safetensors":

@@ -1,0 +1,97 @@
+"""4-bit GPTQ checkpoints on zlocal's own CPU int4 kernel (and so on its one-call decode step).
+
+transformers loads GPTQ layers through gptqmodel, whose CPU kernel runs a 4-bit SmolLM2 at about 46
+tok/s on a 2-core AVX-512 VM. A GPTQ layer stores 4-bit codes q, per-group scales s and integer zero
+points z, w = s * (q - z); zlocal's int4 layout stores w = (q - 8) * scale + zero per group, so the
+codes are kept as they are and scale = s, zero = (8 - z) * s (both rounded to bf16, as zlocal's own
+int4 layers are). The tensors are read from the checkpoint's safetensors in the GPTQ format itself,
+not from gptqmodel's repacked buffers, and each converted layer is checked against the loaded GPTQ
+layer on random inputs before it replaces it. Layers it cannot take (act-order groups, 8 bits, shapes
+outside the kernel's layout) keep gptqmodel's kernel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import cpu_kernels
+from .cpu_quant import Int4WeightOnlyLinear
+
+
+def _unpack4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words holding eight 4-bit values (value j at bits 4j) -> the values, along ``dim``."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    p = packed.to(torch.int32)
+    if dim == 0:  # qweight [K/8, N] -> [K, N]
+        return ((p[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, p.shape[1])
+    return ((p[:, :, None] >> shifts[None, None, :]) & 15).reshape(p.shape[0], -1)  # qzeros -> [G, N]
+
+
+def int4_module(qweight, qzeros, scales, group_size: int, v1_zeros: bool, dtype, bias=None):
+    """zlocal's int4 module holding a GPTQ layer's weights (``v1_zeros``: the checkpoint stores z - 1,
+    the original GPTQ format; gptqmodel's v2 stores z)."""
+    codes = _unpack4(qweight, 0).t().contiguous()  # [N, K]
+    n, k = codes.shape
+    zeros = _unpack4(qzeros, 1)[:, :n].float() + (1 if v1_zeros else 0)
+    s = scales.float()
+    sz = torch.stack([s, (8 - zeros) * s], dim=-1).to(dtype)  # [K/G, N, 2]
+    module = Int4WeightOnlyLinear(k, n, bias is not None, dtype, group_size, layout="zlocal")
+    module.weight = cpu_kernels.pack_int4(codes)
+    module.scales_and_zeros = cpu_kernels.pack_scales(sz)
+    if bias is not None:
+        module.bias = bias.to(dtype)
+    return module
+
+
+def _agrees(new, old, in_features: int, dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, in_features, generator=gen).to(dtype)
+    with torch.inference_mode():
+        want, got = old(x).float(), new(x).float()
+    return (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int, str | None]:
+    """Replace the loaded 4-bit GPTQ layers of ``model`` by zlocal int4 modules built from the
+    checkpoint at ``path``; returns (layers swapped, why the others were not, or None)."""
+    from safetensors import safe_open
+
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
+    if qc.get("quant_method") != "gptq" or int(qc.get("bits") or 0) != 4:
+        return 0, "only 4-bit GPTQ layers go on zlocal's kernel"
+    if dtype != torch.bfloat16 or cpu_kernels.kernels() is None:
+        return 0, f"zlocal's int4 kernel needs bf16 and {cpu_kernels.kernel_status()}"
+    group = int(qc.get("group_size") or 0)
+    v1_zeros = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
+    swapped, skipped = 0, None
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            keys = set(fh.keys())
+            for key in sorted(k for k in keys if k.endswith(".qweight")):
+                prefix = key[: -len(".qweight")]
+                qweight = fh.get_tensor(key)
+                k, n = qweight.shape[0] * 8, qweight.shape[1]
+                if f"{prefix}.g_idx" in keys:
+                    g_idx = fh.get_tensor(f"{prefix}.g_idx").long()
+                    if not torch.equal(g_idx, torch.arange(k) // group):
+                        skipped = "act-order (desc_act) groups"
+                        continue
+                if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
+                    skipped = f"a {n}x{k} layer with groups of {group} is outside the kernel's layout"
+                    continue
+                bias = fh.get_tensor(f"{prefix}.bias") if f"{prefix}.bias" in keys else None
+                new = int4_module(
+                    qweight, fh.get_tensor(f"{prefix}.qzeros"), fh.get_tensor(f"{prefix}.scales"), group,
+                    v1_zeros, dtype, bias,
+                )
+                parent_name, _, child = prefix.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                if not _agrees(new, getattr(parent, child), k, dtype):
+                    skipped = f"{prefix} did not match the GPTQ kernel's output"
+                    continue
+                setattr(parent, child, new)
+                swapped += 1
+    return swapped, skipped
