@@ -4,6 +4,7 @@ the fallbacks when they cannot run, and the build cache."""
 from __future__ import annotations
 
 import ctypes
+import re
 import subprocess
 
 import pytest
@@ -156,7 +157,7 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
         cpu_kernels._build(cc)
 
 
-@pytest.mark.parametrize("which", ["int4", "int8"])
+@pytest.mark.parametrize("which", ["int4", "int8", "int4 dequantized"])
 def test_a_wrong_kernel_fails_its_self_check(which):
     kernel = _kernel()
 
@@ -171,7 +172,12 @@ def test_a_wrong_kernel_fails_its_self_check(which):
             y = kernel.int8_mm(*args).float()
             return (y * (1.05 if which == "int8" else 1)).to(torch.bfloat16)
 
-    assert f"({which}" in cpu_kernels._self_check(Off())
+        def int4_dequantize(self, out, *args):
+            kernel.int4_dequantize(out, *args)
+            if which == "int4 dequantized":
+                out.mul_(1.05)
+
+    assert re.search(rf"\({which}[,)]", cpu_kernels._self_check(Off()))
     assert cpu_kernels._self_check(kernel) is None
 
 

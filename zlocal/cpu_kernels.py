@@ -96,6 +96,9 @@ class CpuKernels:
         self._int8 = lib.zl_int8_mm
         self._int8.restype = None
         self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        self._dequant4 = lib.zl_int4_dequant
+        self._dequant4.restype = None
+        self._dequant4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
         self._decode = lib.zl_decode_layers
         self._decode.restype = ctypes.c_int
         pointer, integer = ctypes.c_void_p, ctypes.c_int
@@ -125,6 +128,14 @@ class CpuKernels:
         threads = torch.get_num_threads()
         self._int8(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, threads)
         return y
+
+
+    def int4_dequantize(self, out: torch.Tensor, packed: torch.Tensor, tiled: torch.Tensor, group_size: int):
+        """Write the bf16 weights of ``packed`` ([R, K/2], whole tiles) into ``out`` ([R, K] bf16,
+        contiguous); ``tiled`` holds those rows' scales and zeros (``pack_scales``' layout)."""
+        r, k = out.shape
+        self._dequant4(packed.data_ptr(), tiled.data_ptr(), out.data_ptr(), r, k, group_size,
+                       torch.get_num_threads())
 
 
 class _Mat(ctypes.Structure):
@@ -299,6 +310,9 @@ def _self_check(kernel: CpuKernels) -> str | None:
         packed, tiled = pack_int4(codes), pack_scales(sz)
         checks.append((f"int4, group size {g}", kernel.int4_mm(x, packed, tiled, g), ref))
         checks.append((f"int4, one token, group size {g}", kernel.int4_mm(x[:1], packed, tiled, g), ref[:1]))
+        weights = torch.empty(n, k, dtype=torch.bfloat16)  # the block-wise prompt path's weights
+        kernel.int4_dequantize(weights, packed, tiled, g)
+        checks.append((f"int4 dequantized, group size {g}", weights, dequantize_int4(codes, sz, g)))
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = torch.rand(n, generator=gen).to(torch.bfloat16)
     got = kernel.int8_mm(x, pack_int8(q), scales)

@@ -125,17 +125,18 @@ class _QuantLinearBase(nn.Module):
 # kernel wins (15 vs 18 ms).
 DEQUANT_GEMM_MIN_TOKENS = 32
 INT4_DEQUANT_GEMM_MIN_TOKENS = 256
-# zlocal's int4 kernel (cpu_kernels) decodes each chunk once per 4 tokens, so it stays ahead longer,
-# less so with small groups (one scaling per group and token): measured crossovers on the same VM,
-# group 32 on SmolLM2's shapes ~90 tokens, 128 on the 7B's ~200 (group 64 in between).
-ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS = {32: 96, 64: 160}  # larger groups: 192
+# In zlocal's layout the block-wise path dequantizes with one vectorized C pass (cpu_kernels), so the
+# GEMM is most of its time; zlocal's int4 kernel decodes each chunk once per 4 tokens, less well with
+# small groups (one scaling per group and token). Measured crossovers on the same VM: group 32 ~20-24
+# tokens, 64 ~30-55, 128 ~70-96 (SmolLM2's and the 7B's shapes).
+ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS = {32: 24, 64: 48}  # larger groups: 96
 
 
 def int4_blockwise_min_tokens(layout: str, group_size: int) -> int:
     """Prompt length from which an int4 layer runs block-wise on oneDNN's GEMM."""
     if layout != "zlocal":
         return INT4_DEQUANT_GEMM_MIN_TOKENS
-    return ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS.get(group_size, 192)
+    return ZLOCAL_INT4_DEQUANT_GEMM_MIN_TOKENS.get(group_size, 96)
 
 # Output rows per block of torch's CPU int4 packing: 64 with AVX-512, 32 with AVX2.
 INT4_PACK_BLOCKS = (64, 32)
@@ -259,6 +260,7 @@ def int4_matmul_blockwise(
     ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     rows, buf = _scratch_rows(out_f, in_f)
+    kernel = cpu_kernels.kernels() if block is None else None
     if block is None:
         by_row = cpu_kernels.scales_by_row(scales_and_zeros)
         scales, zeros = by_row[..., 0], by_row[..., 1]
@@ -268,6 +270,11 @@ def int4_matmul_blockwise(
     for start in range(0, out_f, rows):
         n = min(rows, out_f - start)
         w = buf[: n * in_f].view(n, in_f)
+        if kernel is not None:  # zlocal's layout: one vectorized pass (rows are whole tiles)
+            tiles = slice(start // cpu_kernels.TILE_ROWS, (start + n) // cpu_kernels.TILE_ROWS)
+            kernel.int4_dequantize(w, packed[start : start + n], scales_and_zeros[tiles], group_size)
+            parts.append(F.linear(x, w))
+            continue
         if block is None:
             cpu_kernels.unpack_int4(w, packed[start : start + n])
         else:

@@ -1,13 +1,13 @@
 """4-bit GPTQ checkpoints on zlocal's own CPU int4 kernel (and so on its one-call decode step).
 
 transformers loads GPTQ layers through gptqmodel, whose CPU kernel decodes a 4-bit SmolLM2 at 66 tok/s
-on a 2-core AVX-512 VM (198 on zlocal's decode kernel). A GPTQ layer stores 4-bit codes q, per-group scales s and integer zero
-points z, w = s * (q - z); zlocal's int4 layout stores w = (q - 8) * scale + zero per group, so the
-codes are kept as they are and scale = s, zero = (8 - z) * s (both rounded to bf16, as zlocal's own
-int4 layers are). The tensors are read from the checkpoint's safetensors in the GPTQ format itself,
-not from gptqmodel's repacked buffers, and each converted layer is checked against the loaded GPTQ
-layer on random inputs before it replaces it. Layers it cannot take (act-order groups, 8 bits, shapes
-outside the kernel's layout) keep gptqmodel's kernel.
+on a 2-core AVX-512 VM (198 on zlocal's decode kernel). A GPTQ layer stores 4-bit codes q, per-group
+scales s and integer zero points z, w = s * (q - z); zlocal's int4 layout stores w = (q - 8) * scale +
+zero per group, so the codes are kept as they are and scale = s, zero = (8 - z) * s (both rounded to
+bf16, as zlocal's own int4 layers are). The tensors are read from the checkpoint's safetensors in the
+GPTQ format itself, not from gptqmodel's repacked buffers, and each converted layer is checked against
+the loaded GPTQ layer on random inputs before it replaces it. Layers it cannot take (act-order groups,
+8 bits, shapes outside the kernel's layout) keep gptqmodel's kernel.
 """
 
 from __future__ import annotations

@@ -344,6 +344,38 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
     return 0;
 }
 
+/* Rows of the int4 weight as bf16, w = q * scale + (zero - 8 * scale) in fp32, rounded once (to nearest
+ * even) to bf16: the block-wise prompt path multiplies these with oneDNN's bf16 GEMM. w and sz start at
+ * a tile; rows % 4 == 0; out is [rows][K]. One pass, vectorized: the torch ops it replaces (unpack,
+ * subtract, scale, shift) took longer than the GEMM itself. */
+void zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int rows, int K, int G, int threads) {
+    const int groups = K / G, tiles = rows / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
+        const uint16_t *tsz = sz + (size_t)t * groups * ROWS * 2;
+        for (int c = 0; c < K / 64; c++) {
+            const uint8_t *chunk = tile + (size_t)c * ROWS * 32;
+            for (int r = 0; r < ROWS; r++) {
+                uint16_t *o = out + (size_t)(t * ROWS + r) * K + c * 64;
+                /* codes 0..31 (low nibbles) and 32..63 (high): one group, or two when G == 32 */
+                for (int half = 0; half < 2; half++) {
+                    const int g = (c * 64 + half * 32) / G;
+                    const float s = bf16_to_f32(tsz[(g * ROWS + r) * 2]);
+                    const float zt = bf16_to_f32(tsz[(g * ROWS + r) * 2 + 1]) - 8.f * s;
+                    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(zt);
+                    for (int q = 0; q < 2; q++) { /* bytes 16q..16q+15 -> codes 32 half + 16q .. */
+                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(chunk + r * 32 + 16 * q)));
+                        __m512i code = half ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
+                        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), vs, vz);
+                        _mm256_storeu_si256((__m256i *)(o + half * 32 + 16 * q), (__m256i)_mm512_cvtneps_pbh(v));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* int8: weights in tiles of 4 rows, [N/4][K/64][4][64] int8, per-row bf16 scales.
  * y[m][n] = scale[n] * sum_k x[m][k] * q[n][k]. A code v = 16 * (v >> 4) + (v & 15): both parts come
  * from 16-entry tables as exact bf16, so each 32 codes take two dot products and no conversions. */
