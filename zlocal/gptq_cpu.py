@@ -1,7 +1,7 @@
 """4-bit GPTQ checkpoints on zlocal's own CPU int4 kernel (and so on its one-call decode step).
 
-transformers loads GPTQ layers through gptqmodel, whose CPU kernel decodes a 4-bit SmolLM2 at 66 tok/s
-on a 2-core AVX-512 VM (198 on zlocal's decode kernel). A GPTQ layer stores 4-bit codes q, per-group
+transformers loads GPTQ layers through gptqmodel, whose CPU kernel decodes a 4-bit SmolLM2 at 68 tok/s
+on a 2-core AVX-512 VM (186-190 on zlocal's decode kernel). A GPTQ layer stores 4-bit codes q, per-group
 scales s and integer zero points z, w = s * (q - z); zlocal's int4 layout stores w = (q - 8) * scale +
 zero per group, so the codes are kept as they are and scale = s, zero = (8 - z) * s (both rounded to
 bf16, as zlocal's own int4 layers are). The tensors are read from the checkpoint's safetensors in the
