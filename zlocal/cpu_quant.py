@@ -260,27 +260,21 @@ def int4_matmul_blockwise(
     ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     rows, buf = _scratch_rows(out_f, in_f)
+    # zlocal's layout exists only where its kernels run: they dequantize a block in one C pass
     kernel = cpu_kernels.kernels() if block is None else None
-    if block is None:
-        by_row = cpu_kernels.scales_by_row(scales_and_zeros)
-        scales, zeros = by_row[..., 0], by_row[..., 1]
-    else:
+    if kernel is None:
         scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
     parts = []
     for start in range(0, out_f, rows):
         n = min(rows, out_f - start)
         w = buf[: n * in_f].view(n, in_f)
-        if kernel is not None:  # zlocal's layout: one vectorized pass (rows are whole tiles)
+        if kernel is not None:  # rows are whole tiles (blocks are multiples of 64 rows)
             tiles = slice(start // cpu_kernels.TILE_ROWS, (start + n) // cpu_kernels.TILE_ROWS)
             kernel.int4_dequantize(w, packed[start : start + n], scales_and_zeros[tiles], group_size)
-            parts.append(F.linear(x, w))
-            continue
-        if block is None:
-            cpu_kernels.unpack_int4(w, packed[start : start + n])
         else:
             _unpack_int4(w, packed[start : start + n], block)
-        groups = w.view(n, in_f // group_size, group_size)
-        groups.sub_(8).mul_(scales[start : start + n, :, None]).add_(zeros[start : start + n, :, None])
+            groups = w.view(n, in_f // group_size, group_size)
+            groups.sub_(8).mul_(scales[start : start + n, :, None]).add_(zeros[start : start + n, :, None])
         parts.append(F.linear(x, w))
     return torch.cat(parts, dim=-1)
 
