@@ -258,6 +258,7 @@ def convert(
     samples: int | None = None,
     seq_len: int | None = None,
     sym: bool = False,
+    tune_epochs: int | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     eval_text: str | os.PathLike | None = None,
@@ -272,8 +273,8 @@ def convert(
     if method not in METHODS:
         raise InvalidArgumentError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     bits = METHODS[method]
-    if method in BNB_METHODS and (group_size is not None or sym):
-        raise InvalidArgumentError("--group-size and --sym apply to gptq4/gptq8 only")
+    if method in BNB_METHODS and (group_size is not None or sym or tune_epochs is not None):
+        raise InvalidArgumentError("--group-size, --sym and --tune-epochs apply to gptq4/gptq8 only")
     for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
         if value is not None and value <= 0:
             raise InvalidArgumentError(f"{flag} must be > 0, got {value}")
@@ -327,8 +328,11 @@ def convert(
             seq_len=seq_len,
             calibration=calibration,
             sym=sym,
+            tune_epochs=tune_epochs,
         )
         group_size = gptq_plan.group_size
+        if gptq_plan.tune_note and not quiet:
+            print(gptq_plan.tune_note, file=sys.stderr)
 
     source_bytes = sum(p.stat().st_size for p in shards)
     entries = [TensorEntry(n, d, s, 0, _numel(s) * _itemsize(d)) for n, (_, d, s) in flat.items()]
@@ -347,6 +351,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}{TMP_MARK}", dir=out_path.parent))
     try:
         (tmp / ".pid").write_text(str(os.getpid()))
+        tuning = None
         source_hashes = {p.name: sha256_file(p) for p in shards}
         compute_dtype = _compute_dtype(config)
         if method in BNB_METHODS:
@@ -370,7 +375,7 @@ def convert(
         else:
             from .quantize_gptq import quantize_gptq
 
-            quantize_gptq(
+            tuning = quantize_gptq(
                 src_path,
                 tmp,
                 gptq_plan,
@@ -380,6 +385,13 @@ def convert(
             )
             _copy_aux_files(src_path, tmp, keep_existing=True)
         (tmp / ".pid").unlink()
+        if tuning is not None and not quiet:
+            print(
+                f"scale tuning: held-out KL {tuning.heldout_kl_before:.5f} -> "
+                f"{tuning.heldout_kl_after:.5f} (epoch {tuning.best_epoch} of {tuning.epochs}; "
+                f"0 keeps GPTQ's scales), {tuning.seconds:.0f} s",
+                file=sys.stderr,
+            )
         quality = None
         if evaluate:
             from .quality import evaluate as run_eval
@@ -408,8 +420,10 @@ def convert(
                     "seq_len": getattr(gptq_plan, "seq_len", None),
                     "sym": getattr(gptq_plan, "sym", None),
                     "gptaq_alpha": GPTAQ_ALPHA if gptq_plan else None,
+                    "tune_epochs": getattr(gptq_plan, "tune_epochs", None),
                     "calibration": str(calibration) if calibration else "builtin",
                 },
+                "scale_tuning": tuning.to_dict() if tuning is not None else None,
             },
         )
         from .manifest import library_versions

@@ -34,6 +34,10 @@ MSE_NORM = 2.4
 # gives it, not only those of the already-quantized layers below. Same checkpoint format. On
 # SmolLM2-135M gptq4 g64 (AMD VM) +15.7% -> +10.1% perplexity; FOEM on top gave +12.3%.
 GPTAQ_ALPHA = 0.25
+# Scale tuning (zlocal.tune_scales) runs on the CPU at about 26 s per epoch for SmolLM2's 106M linear
+# weights on 2 cores and grows with the weights: a 7B would take hours, so it is opt-in above this.
+TUNE_EPOCHS = 8
+TUNE_DEFAULT_MAX_PARAMS = 2_000_000_000
 
 
 @dataclass
@@ -48,6 +52,9 @@ class GptqPlan:
     # Asymmetric groups (a zero point per group) halve the error on small models; symmetric ones are
     # what GPU Marlin kernels require (ExLlama and the CPU kernels read both).
     sym: bool = False
+    # epochs of end-to-end scale tuning after GPTQ (zlocal.tune_scales); 0 keeps GPTQ's scales
+    tune_epochs: int = 0
+    tune_note: str | None = None  # why the default left tuning off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +71,16 @@ def linear_in_features(config: dict) -> dict[str, int]:
         "gate_proj/up_proj": h,
         "down_proj": int(c["intermediate_size"]),
     }
+
+
+def linear_params(config: dict) -> int:
+    """Weights in the decoder layers' linear projections (what GPTQ quantizes)."""
+    c = config.get("text_config", config)
+    h, inter, layers = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"])
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    hd = int(c.get("head_dim") or h // heads)
+    return layers * (2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter)
 
 
 def default_group_size(config: dict) -> int:
@@ -103,6 +120,7 @@ def plan_gptq(
     seq_len: int | None,
     calibration,
     sym: bool = False,
+    tune_epochs: int | None = None,
 ) -> GptqPlan:
     """Validate GPTQ options against the model; raise before any expensive step."""
     if bits not in (4, 8):
@@ -113,14 +131,36 @@ def plan_gptq(
     seq = seq_len or DEFAULT_SEQ_LEN
     if seq > max_pos:
         raise InvalidArgumentError(f"--seq-len {seq} exceeds the model's context of {max_pos} tokens")
+    n_samples = samples or DEFAULT_SAMPLES
+    # 4 bits lose enough to be worth the tuning time; 8 bits are within a fraction of a percent
+    note = None
+    if tune_epochs is not None:
+        epochs = int(tune_epochs)
+    elif bits == 4 and linear_params(config) > TUNE_DEFAULT_MAX_PARAMS:
+        epochs = 0
+        note = (
+            f"scale tuning is off by default above {TUNE_DEFAULT_MAX_PARAMS / 1e9:.0f}B weights "
+            f"(it runs on the CPU, hours for this model); --tune-epochs {TUNE_EPOCHS} runs it"
+        )
+    else:
+        epochs = TUNE_EPOCHS if bits == 4 else 0
+    if epochs < 0:
+        raise InvalidArgumentError(f"--tune-epochs must be >= 0, got {epochs}")
+    if epochs and n_samples < 2:
+        raise InvalidArgumentError(
+            "scale tuning holds out part of the calibration windows: use --samples 2 or more, "
+            "or --tune-epochs 0"
+        )
     require_gptqmodel()
     return GptqPlan(
         bits=bits,
         group_size=gs,
-        samples=samples or DEFAULT_SAMPLES,
+        samples=n_samples,
         seq_len=seq,
         calibration=str(calibration) if calibration else None,
         sym=bool(sym),
+        tune_epochs=epochs,
+        tune_note=note,
     )
 
 
@@ -174,8 +214,9 @@ def quantize_gptq(
     compute_dtype: torch.dtype = torch.bfloat16,
     quiet: bool = False,
     allow_pickle: bool = False,
-) -> None:
-    """Run GPTQ on SRC with ``plan`` and save the quantized checkpoint into ``out``."""
+):
+    """Run GPTQ on SRC with ``plan`` and save the quantized checkpoint into ``out``, then tune its
+    scales when ``plan.tune_epochs`` (returns the zlocal.tune_scales.TuneReport, or None)."""
     from transformers import AutoTokenizer
 
     from .quality import builtin_text
@@ -213,6 +254,17 @@ def quantize_gptq(
     if not any(out.glob("*.safetensors")):
         raise ConversionError("gptqmodel finished but wrote no safetensors weights")
     _drop_offload_path(out)
+    if not plan.tune_epochs:
+        return None
+    if allow_pickle:
+        # the tuner streams source layers from safetensors; pickle sources keep GPTQ's scales
+        print("scale tuning skipped: the source weights are pickle, not safetensors", file=sys.stderr)
+        return None
+    from .tune_scales import tune_scales
+
+    return tune_scales(
+        src, out, [d["input_ids"] for d in data], epochs=plan.tune_epochs, quiet=quiet
+    )
 
 
 def _drop_offload_path(out: Path) -> None:

@@ -39,6 +39,13 @@ def add_convert_args(p) -> None:
         "--seq-len", type=int, default=None, help="GPTQ tokens per calibration sample (default 256)"
     )
     p.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPTQ: epochs of end-to-end scale tuning after GPTQ (default 8 for gptq4, 0 for gptq8)",
+    )
+    p.add_argument(
         "--eval-text",
         default=None,
         metavar="FILE",
@@ -72,6 +79,7 @@ def run(args) -> int:
             samples=args.samples,
             seq_len=args.seq_len,
             sym=args.sym,
+            tune_epochs=args.tune_epochs,
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
             eval_text=args.eval_text,
