@@ -180,3 +180,8 @@ def test_tuning_default_follows_bits_and_size():
     big = plan_gptq(mistral_7b, bits=4, **kw)
     assert big.tune_epochs == 0 and "--tune-epochs 8 runs it" in big.tune_note
     assert plan_gptq(mistral_7b, bits=4, tune_epochs=2, **kw).tune_epochs == 2
+    # the source's log-probabilities must fit: 64 x 2048 tokens x 32000 float16 is 7.8 GiB
+    too_many = {**kw, "samples": 64, "seq_len": 2048}
+    with pytest.raises(InvalidArgumentError, match=r"7\.8 GiB"):
+        plan_gptq({**small, "vocab_size": 32000}, bits=4, **too_many)
+    assert plan_gptq({**small, "vocab_size": 32000}, bits=4, tune_epochs=0, **too_many).tune_epochs == 0

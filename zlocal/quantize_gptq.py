@@ -38,6 +38,8 @@ GPTAQ_ALPHA = 0.25
 # weights on 2 cores and grows with the weights: a 7B would take hours, so it is opt-in above this.
 TUNE_EPOCHS = 8
 TUNE_DEFAULT_MAX_PARAMS = 2_000_000_000
+# The tuner holds the source's float16 log-probabilities for every calibration token.
+TUNE_MAX_REFERENCE_BYTES = 2 << 30
 
 
 @dataclass
@@ -146,6 +148,14 @@ def plan_gptq(
         epochs = TUNE_EPOCHS if bits == 4 else 0
     if epochs < 0:
         raise InvalidArgumentError(f"--tune-epochs must be >= 0, got {epochs}")
+    vocab = int(config.get("text_config", config).get("vocab_size") or 0)
+    ref_bytes = n_samples * seq * vocab * 2
+    if epochs and ref_bytes > TUNE_MAX_REFERENCE_BYTES:
+        raise InvalidArgumentError(
+            f"scale tuning keeps the source's log-probabilities in memory: {ref_bytes / 2**30:.1f} GiB for "
+            f"{n_samples} x {seq} tokens (limit {TUNE_MAX_REFERENCE_BYTES / 2**30:.0f} GiB); "
+            "use fewer --samples or a shorter --seq-len, or --tune-epochs 0"
+        )
     if epochs and n_samples < 2:
         raise InvalidArgumentError(
             "scale tuning holds out part of the calibration windows: use --samples 2 or more, "
