@@ -20,21 +20,28 @@ from . import cpu_kernels
 from .cpu_quant import Int4WeightOnlyLinear
 
 
-def _unpack4(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """int32 words holding eight 4-bit values (value j at bits 4j) -> the values, along ``dim``."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words holding 32/bits values (value j at bit bits*j) -> the values, along ``dim``."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    mask = (1 << bits) - 1
     p = packed.to(torch.int32)
-    if dim == 0:  # qweight [K/8, N] -> [K, N]
-        return ((p[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, p.shape[1])
-    return ((p[:, :, None] >> shifts[None, None, :]) & 15).reshape(p.shape[0], -1)  # qzeros -> [G, N]
+    if dim == 0:  # qweight [K/per, N] -> [K, N]
+        return ((p[:, None, :] >> shifts[None, :, None]) & mask).reshape(p.shape[0] * per, p.shape[1])
+    return ((p[:, :, None] >> shifts[None, None, :]) & mask).reshape(p.shape[0], -1)  # qzeros -> [G, N]
+
+
+def stores_v1_zeros(qc: dict) -> bool:
+    """True when the checkpoint keeps z - 1 (the original GPTQ format); gptqmodel's v2 keeps z."""
+    return (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
 
 
 def int4_module(qweight, qzeros, scales, group_size: int, v1_zeros: bool, dtype, bias=None):
     """zlocal's int4 module holding a GPTQ layer's weights (``v1_zeros``: the checkpoint stores z - 1,
     the original GPTQ format; gptqmodel's v2 stores z)."""
-    codes = _unpack4(qweight, 0).t().contiguous()  # [N, K]
+    codes = unpack(qweight, 4, 0).t().contiguous()  # [N, K]
     n, k = codes.shape
-    zeros = _unpack4(qzeros, 1)[:, :n].float() + (1 if v1_zeros else 0)
+    zeros = unpack(qzeros, 4, 1)[:, :n].float() + (1 if v1_zeros else 0)
     s = scales.float()
     sz = torch.stack([s, (8 - zeros) * s], dim=-1).to(dtype)  # [K/G, N, 2]
     module = Int4WeightOnlyLinear(k, n, bias is not None, dtype, group_size, layout="zlocal")
@@ -65,7 +72,7 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
     if dtype != torch.bfloat16 or cpu_kernels.kernels() is None:
         return 0, f"zlocal's int4 kernel needs bf16 and {cpu_kernels.kernel_status()}"
     group = int(qc.get("group_size") or 0)
-    v1_zeros = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
+    v1_zeros = stores_v1_zeros(qc)
     swapped, skipped = 0, None
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu") as fh:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConversionError
+from .gptq_cpu import stores_v1_zeros, unpack
 
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 1e-3
@@ -55,17 +56,6 @@ class TuneReport:
         return asdict(self)
 
 
-def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words holding 32/bits values (value j at bit bits*j) -> the values along ``dim``."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    mask = (1 << bits) - 1
-    p = packed.to(torch.int32)
-    if dim == 0:  # qweight [K/per, N] -> [K, N]
-        return ((p[:, None, :] >> shifts[None, :, None]) & mask).reshape(p.shape[0] * per, p.shape[1])
-    return ((p[:, :, None] >> shifts[None, None, :]) & mask).reshape(p.shape[0], -1)  # qzeros
-
-
 class ScaledGptqLinear(nn.Module):
     """A GPTQ layer whose weight is rebuilt as s0 * exp(theta) * (q - z) on every call; only
     ``theta`` (one value per group and output) trains."""
@@ -75,7 +65,7 @@ class ScaledGptqLinear(nn.Module):
         n = qweight.shape[1]
         self.bits, self.group_size = bits, group_size
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
-        zeros = _unpack(qzeros, bits, 1)[:, :n].float() + (1 if v1_zeros else 0)
+        zeros = unpack(qzeros, bits, 1)[:, :n].float() + (1 if v1_zeros else 0)
         self.register_buffer("zeros", zeros, persistent=False)  # [K/G, N]
         self.register_buffer("s0", scales.float(), persistent=False)  # [K/G, N]
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
@@ -85,7 +75,7 @@ class ScaledGptqLinear(nn.Module):
         return self.s0 * torch.exp(self.theta)
 
     def weight(self) -> torch.Tensor:
-        codes = _unpack(self.qweight, self.bits, 0).float()  # [K, N]
+        codes = unpack(self.qweight, self.bits, 0).float()  # [K, N]
         g = self.group_size
         w = (codes - self.zeros.repeat_interleave(g, 0)) * self.scales().repeat_interleave(g, 0)
         return w.t()
@@ -120,7 +110,7 @@ def build_student(out: Path, dtype: torch.dtype = torch.float32):
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     bits, group = int(qc["bits"]), int(qc["group_size"])
-    v1_zeros = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
+    v1_zeros = stores_v1_zeros(qc)
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
