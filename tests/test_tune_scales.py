@@ -185,3 +185,13 @@ def test_tuning_default_follows_bits_and_size():
     with pytest.raises(InvalidArgumentError, match=r"7\.8 GiB"):
         plan_gptq({**small, "vocab_size": 32000}, bits=4, **too_many)
     assert plan_gptq({**small, "vocab_size": 32000}, bits=4, tune_epochs=0, **too_many).tune_epochs == 0
+
+
+def test_cli_tune_epochs_error_is_one_line(tiny_zephyr, tmp_path, capsys):
+    from zlocal.cli import main
+
+    argv = ["convert", str(tiny_zephyr), str(tmp_path / "o"), "--method", "gptq4", "--tune-epochs", "-1"]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == InvalidArgumentError.exit_code and err.count("\n") == 1
+    assert err.startswith("zlocal: error: --tune-epochs must be >= 0") and not (tmp_path / "o").exists()
