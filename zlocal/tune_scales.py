@@ -76,9 +76,11 @@ class ScaledGptqLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         codes = unpack(self.qweight, self.bits, 0).float()  # [K, N]
-        g = self.group_size
-        w = (codes - self.zeros.repeat_interleave(g, 0)) * self.scales().repeat_interleave(g, 0)
-        return w.t()
+        k, n = codes.shape
+        # broadcast over each group's rows instead of materialising [K, N] zeros and scales
+        groups = codes.view(k // self.group_size, self.group_size, n)
+        w = (groups - self.zeros[:, None]) * self.scales()[:, None]
+        return w.reshape(k, n).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
