@@ -15,10 +15,14 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConversionError, DependencyError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .tune_scales import TuneReport
 
 # 32/64/128 run on every kernel that reads GPTQ: PyTorch's CPU int4 kernel (zlocal.cpu_quant),
 # gptqmodel's torch kernel, Marlin and ExLlama on GPUs. Larger groups save little and fail on
@@ -224,9 +228,9 @@ def quantize_gptq(
     compute_dtype: torch.dtype = torch.bfloat16,
     quiet: bool = False,
     allow_pickle: bool = False,
-):
+) -> TuneReport | None:
     """Run GPTQ on SRC with ``plan`` and save the quantized checkpoint into ``out``, then tune its
-    scales when ``plan.tune_epochs`` (returns the zlocal.tune_scales.TuneReport, or None)."""
+    scales when ``plan.tune_epochs`` (returns the tuning report, or None)."""
     from transformers import AutoTokenizer
 
     from .quality import builtin_text
