@@ -36,12 +36,23 @@ def stores_v1_zeros(qc: dict) -> bool:
     return (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
 
 
+def zero_points(qzeros: torch.Tensor, bits: int, n: int, v1_zeros: bool) -> torch.Tensor:
+    """Each group's integer zero point z as floats [K/G, N] (``v1_zeros``: stored as z - 1)."""
+    return unpack(qzeros, bits, 1)[:, :n].float() + (1 if v1_zeros else 0)
+
+
+def act_order(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when rows are not grouped in order (desc_act checkpoints), which neither zlocal's kernel
+    nor its scale tuning reads."""
+    return not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // group_size)
+
+
 def int4_module(qweight, qzeros, scales, group_size: int, v1_zeros: bool, dtype, bias=None):
     """zlocal's int4 module holding a GPTQ layer's weights (``v1_zeros``: the checkpoint stores z - 1,
     the original GPTQ format; gptqmodel's v2 stores z)."""
     codes = unpack(qweight, 4, 0).t().contiguous()  # [N, K]
     n, k = codes.shape
-    zeros = unpack(qzeros, 4, 1)[:, :n].float() + (1 if v1_zeros else 0)
+    zeros = zero_points(qzeros, 4, n, v1_zeros)
     s = scales.float()
     sz = torch.stack([s, (8 - zeros) * s], dim=-1).to(dtype)  # [K/G, N, 2]
     module = Int4WeightOnlyLinear(k, n, bias is not None, dtype, group_size, layout="zlocal")
@@ -81,11 +92,9 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
                 prefix = key[: -len(".qweight")]
                 qweight = fh.get_tensor(key)
                 k, n = qweight.shape[0] * 8, qweight.shape[1]
-                if f"{prefix}.g_idx" in keys:
-                    g_idx = fh.get_tensor(f"{prefix}.g_idx").long()
-                    if not torch.equal(g_idx, torch.arange(k) // group):
-                        skipped = "act-order (desc_act) groups"
-                        continue
+                if f"{prefix}.g_idx" in keys and act_order(fh.get_tensor(f"{prefix}.g_idx"), group):
+                    skipped = "act-order (desc_act) groups"
+                    continue
                 if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
                     skipped = f"a {n}x{k} layer with groups of {group} is outside the kernel's layout"
                     continue

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConversionError
-from .gptq_cpu import stores_v1_zeros, unpack
+from .gptq_cpu import act_order, stores_v1_zeros, unpack, zero_points
 
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 1e-3
@@ -65,7 +65,7 @@ class ScaledGptqLinear(nn.Module):
         n = qweight.shape[1]
         self.bits, self.group_size = bits, group_size
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
-        zeros = unpack(qzeros, bits, 1)[:, :n].float() + (1 if v1_zeros else 0)
+        zeros = zero_points(qzeros, bits, n, v1_zeros)
         self.register_buffer("zeros", zeros, persistent=False)  # [K/G, N]
         self.register_buffer("s0", scales.float(), persistent=False)  # [K/G, N]
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
@@ -87,21 +87,33 @@ class ScaledGptqLinear(nn.Module):
         return F.linear(x, self.weight().to(x.dtype), b)
 
 
-def _shard_keys(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
+class _Shards:
+    """The tensors of a folder's safetensors shards by name, each shard opened (memory-mapped) once."""
 
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            out.update(dict.fromkeys(fh.keys(), f))
-    return out
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
 
+        self._handles, self._where = [], {}
+        for f in sorted(folder.glob("*.safetensors")):
+            fh = safe_open(str(f), framework="pt", device="cpu")
+            self._handles.append(fh)
+            self._where.update(dict.fromkeys(fh.keys(), fh))
 
-def _get(keys: dict[str, Path], name: str) -> torch.Tensor:
-    from safetensors import safe_open
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
-    with safe_open(str(keys[name]), framework="pt", device="cpu") as fh:
-        return fh.get_tensor(name)
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        fh = self._where.get(name)
+        return None if fh is None else fh.get_tensor(name)
 
 
 def build_student(out: Path, dtype: torch.dtype = torch.float32):
@@ -116,22 +128,19 @@ def build_student(out: Path, dtype: torch.dtype = torch.float32):
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    keys = _shard_keys(out)
+    keys = _Shards(out)
     prefixes = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
     if not prefixes:
         raise ConversionError(f"{out} holds no GPTQ layers (.qweight tensors) to tune")
     for prefix in prefixes:
         parent_name, _, child = prefix.rpartition(".")
-        bias = _get(keys, f"{prefix}.bias") if f"{prefix}.bias" in keys else None
-        if f"{prefix}.g_idx" in keys:
-            g_idx = _get(keys, f"{prefix}.g_idx").long()
-            k = g_idx.numel()
-            if not torch.equal(g_idx, torch.arange(k) // group):
-                raise ConversionError(f"{prefix}: act-order groups are not supported by scale tuning")
+        bias = keys.get(f"{prefix}.bias")
+        if f"{prefix}.g_idx" in keys and act_order(keys[f"{prefix}.g_idx"], group):
+            raise ConversionError(f"{prefix}: act-order groups are not supported by scale tuning")
         module = ScaledGptqLinear(
-            _get(keys, f"{prefix}.qweight"),
-            _get(keys, f"{prefix}.qzeros"),
-            _get(keys, f"{prefix}.scales"),
+            keys[f"{prefix}.qweight"],
+            keys[f"{prefix}.qzeros"],
+            keys[f"{prefix}.scales"],
             bits,
             group,
             v1_zeros,
@@ -139,7 +148,7 @@ def build_student(out: Path, dtype: torch.dtype = torch.float32):
         )
         setattr(model.get_submodule(parent_name), child, module)
     quant = {f"{p}.{s}" for p in prefixes for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
-    rest = {k: _get(keys, k).to(dtype) for k in keys if k not in quant}
+    rest = {k: keys[k].to(dtype) for k in keys if k not in quant}
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -194,7 +203,7 @@ def source_logprobs(model, src: Path, windows: torch.Tensor, progress=None) -> l
     """Log-probabilities of the source model on ``windows`` [S, T], computed with the student's
     skeleton (embeddings, norms and head are GPTQ's copies of the source's) and each decoder
     layer's linear weights streamed from SRC's safetensors, one layer at a time."""
-    src_keys = _shard_keys(src)
+    src_keys = _Shards(src)
     if not src_keys:
         raise ConversionError(f"{src}: scale tuning needs safetensors source weights")
     inner = model.get_decoder()
@@ -208,7 +217,7 @@ def source_logprobs(model, src: Path, windows: torch.Tensor, progress=None) -> l
                 if f"{full}.weight" not in src_keys:
                     raise ConversionError(f"{src}: tensor {full}.weight not found for scale tuning")
                 lin = nn.Linear(1, 1, bias=m.bias is not None)
-                lin.weight = nn.Parameter(_get(src_keys, f"{full}.weight").float(), requires_grad=False)
+                lin.weight = nn.Parameter(src_keys[f"{full}.weight"].float(), requires_grad=False)
                 if m.bias is not None:
                     lin.bias = nn.Parameter(m.bias.clone(), requires_grad=False)
                 saved[name] = m
@@ -249,15 +258,15 @@ def _write_scales(out: Path, tuned_by_prefix: dict[str, torch.Tensor]) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    keys = _shard_keys(out)
-    for shard in sorted({keys[f"{p}.scales"] for p in tuned_by_prefix}):
+    wanted = {f"{p}.scales": scales for p, scales in tuned_by_prefix.items()}
+    for shard in sorted(out.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt", device="cpu") as fh:
+            if wanted.keys().isdisjoint(fh.keys()):
+                continue
             meta = fh.metadata() or {"format": "pt"}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        for prefix, scales in tuned_by_prefix.items():
-            key = f"{prefix}.scales"
-            if key in tensors:
-                tensors[key] = scales.to(tensors[key].dtype).contiguous()
+        for key in wanted.keys() & tensors.keys():
+            tensors[key] = wanted[key].to(tensors[key].dtype).contiguous()
         part = shard.with_name(shard.name + ".part")
         save_file(tensors, str(part), metadata=meta)
         os.replace(part, shard)
