@@ -116,3 +116,61 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("chat", "generate", "prompt"):
         assert cmd in r.stdout
+
+
+def _one_line_error(r, needle):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("zlocal: error: ") and needle in lines[0], r.stderr
+
+
+def test_malformed_config_is_one_line(tmp_path, tiny_zephyr):
+    import shutil
+
+    d = tmp_path / "deep"
+    shutil.copytree(tiny_zephyr, d)
+    (d / "config.json").write_text('{"model_type": "mistral", "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    _one_line_error(zlocal("plan", str(d)), "nests deeper")
+    cfg = json.loads((tiny_zephyr / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    _one_line_error(zlocal("chat", str(d), "-p", "hi"), "num_attention_heads")
+
+
+def test_rejected_pickle_is_one_line(tmp_path, tiny_zephyr):
+    import shutil
+
+    import torch
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_zephyr, d)
+    (d / "model.safetensors").unlink()
+    torch.save({"w": [1, {2: 3}]}, d / "pytorch_model.bin")  # plain data, not tensors
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    _one_line_error(zlocal("chat", str(d), "-p", "hi"), "--allow-pickle")
+    _one_line_error(zlocal("chat", str(d), "-p", "hi", "--allow-pickle"), "not a plain state dict")
+    _one_line_error(
+        zlocal("convert", str(d), str(tmp_path / "out"), "--method", "int8", "--allow-pickle"), "not a plain"
+    )
+    _one_line_error(
+        zlocal("prompt", str(d), "--messages", str(tmp_path / "m.json"), "--allow-pickle"), "not a plain"
+    )
+
+
+def test_hostile_chat_template_is_one_line_and_fast(tmp_path, tiny_zephyr):
+    import time
+
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    for i, hostile in enumerate(
+        [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{{ 'x' * 10**11 }}",
+        ]
+    ):
+        f = tmp_path / f"hostile{i}.jinja"
+        f.write_text(hostile + "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}")
+        t0 = time.monotonic()
+        r = zlocal(
+            "prompt", str(tiny_zephyr), "--messages", str(tmp_path / "m.json"), "--chat-template", str(f)
+        )
+        assert time.monotonic() - t0 < 60
+        _one_line_error(r, "chat template (file) stopped")

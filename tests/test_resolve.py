@@ -126,3 +126,49 @@ def test_embedded_alias_resolves_to_converted_checkpoint(smollm2):
     r = resolve_model("smollm2-135m")
     assert r.source == "embedded" and r.path == smollm2
     assert (r.path / "model.safetensors").is_file() and (r.path / "chat_template.jinja").is_file()
+
+
+class _RunsCode:
+    """Unpickling this would call os.makedirs(marker): proof of code execution, harmless."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker,))
+
+
+def _pickled_checkpoint(tmp_path, tiny_zephyr, payload):
+    import torch
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_zephyr, d)
+    (d / "model.safetensors").unlink()
+    torch.save(payload, d / "pytorch_model.bin")
+    return d
+
+
+def test_malicious_pickle_with_opt_in_is_refused_without_running_it(tmp_path, tiny_zephyr):
+    import zlocal
+
+    marker = tmp_path / "pwned"
+    d = _pickled_checkpoint(tmp_path, tiny_zephyr, {"w": _RunsCode(marker)})
+    for attempt in (
+        lambda: resolve_model(str(d), allow_pickle=True),
+        lambda: zlocal.load(str(d), allow_pickle=True, dtype="float32", max_context=64),
+    ):
+        with pytest.raises(CheckpointError, match=r"weights_only=True\) refuses it") as e:
+            attempt()
+        assert "\n" not in str(e.value) and ("makedirs" in str(e.value) or "posix" in str(e.value))
+    assert not marker.exists()
+
+
+def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path, tiny_zephyr):
+    d = _pickled_checkpoint(tmp_path, tiny_zephyr, [1, 2, 3])
+    with pytest.raises(CheckpointError, match="not a plain state dict"):
+        resolve_model(str(d), allow_pickle=True)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(CheckpointError, match="refuses it"):
+        resolve_model(str(d), allow_pickle=True)

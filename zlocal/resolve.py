@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config_check import check_with_transformers, read_config
 from .errors import CheckpointError, ModelNotFoundError
 
 ALIASES: dict[str, str] = {
@@ -25,6 +26,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # Files a checkpoint download needs: weights in safetensors, configs, tokenizer, template.
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 
 
 @dataclass(frozen=True)
@@ -51,28 +53,69 @@ def _offline() -> bool:
 def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> str:
     """Check that ``path`` holds a loadable checkpoint and return its weights format.
 
-    Raises CheckpointError naming what is missing (config, weights) or unsafe (pickle weights
-    without the explicit opt-in).
+    Raises CheckpointError naming what is missing (config, weights), malformed (config.json
+    fields, see zlocal.config_check) or unsafe (pickle weights without the explicit opt-in, or
+    pickle weights that ``torch.load(weights_only=True)`` refuses).
     """
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path.name}: no config.json; is this a Hugging Face checkpoint directory?")
-    try:
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{path.name}/config.json is not valid JSON ({exc.__class__.__name__})"
-        ) from exc
+    # Every command resolves its model here first, so this is where config.json is first read.
+    read_config(path / "config.json", path.name)
+    check_with_transformers(path, f"{path.name}/config.json")
     if any(path.glob("*.safetensors")):
         return "safetensors"
-    pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+    pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         if not allow_pickle:
             raise CheckpointError(
                 f"{path.name} has only pickle weights ({pickles[0]}); pickle files can run code. "
                 "Convert them to safetensors, or pass --allow-pickle to load them with weights_only=True"
             )
+        for shard in _pickle_shards(path):
+            _check_pickle(shard)
         return "pickle"
     raise CheckpointError(f"{path.name}: no *.safetensors weights found in the checkpoint directory")
+
+
+def _pickle_shards(path: Path) -> list[Path]:
+    """The pickle files a load reads: the index's shards, else pytorch_model.bin, else all of them."""
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            names = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path.name}/{index.name} is not a valid shard index") from exc
+        return [path / str(n) for n in names if (path / str(n)).is_file()]
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _PICKLE_SUFFIXES)
+
+
+def _check_pickle(shard: Path) -> None:
+    """Refuse, as a CheckpointError, a pickle that weights_only=True will not load.
+
+    Checked here, before any loader runs, because transformers and torch raise a multi-line
+    UnpicklingError that no caller further on turns into an error message. mmap keeps the check
+    from reading the tensor data of a modern (zip) file.
+    """
+    import torch
+
+    try:
+        try:
+            sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(shard, map_location="cpu", weights_only=True)  # legacy, non-zip format
+    except Exception as exc:  # the file is untrusted: any way torch.load fails on it is a refusal
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise CheckpointError(
+            f"{shard.parent.name}/{shard.name}: torch.load(weights_only=True) refuses it "
+            f"({exc.__class__.__name__}: {why[:200]}); it is not plain tensors, so it is not loaded"
+        ) from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{shard.parent.name}/{shard.name}: not a plain state dict of tensors")
 
 
 def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
@@ -116,6 +159,7 @@ def resolve_model(
         from .embedded import ensure_embedded_model
 
         path = ensure_embedded_model()
+        check_checkpoint_dir(path)  # zlocal wrote it, but the cache is on disk for anyone to edit
         return ResolvedModel(path=path, source="embedded", name=name)
 
     local = Path(name).expanduser()

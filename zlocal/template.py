@@ -1,5 +1,6 @@
-"""Chat templates: render the model's own Jinja template (sandboxed, as transformers does) and
-check at load time that it renders and ends assistant turns with a token the runtime can stop on.
+"""Chat templates: render the model's own Jinja template (sandboxed as transformers does, and
+bounded in time and size: zlocal.template_sandbox) and check at load time that it renders and ends
+assistant turns with a token the runtime can stop on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError, TemplateError
+from .template_sandbox import TemplateLimitError, render_template
 
 ROLES = ("system", "user", "assistant")
 _PROBE_USER = "zlocal-probe-user"
@@ -65,6 +67,24 @@ def load_messages_file(path: str | Path) -> list[dict[str, str]]:
     return validate_messages(data)
 
 
+def render_chat_template(source: str, context: dict[str, Any], origin: str = "file") -> str:
+    """Render a chat template the way ``tokenizer.apply_chat_template`` does (same sandbox, same
+    variables), within zlocal's time and size bounds.
+
+    ``context`` holds what the template sees: messages, add_generation_prompt, tools, documents
+    and the tokenizer's special tokens. Raises TemplateError (TemplateLimitError past a bound).
+    """
+    try:
+        return render_template(source, context)
+    except TemplateLimitError as exc:
+        raise TemplateLimitError(f"chat template ({origin}) stopped: {exc}") from exc
+    except TemplateError:
+        raise
+    except Exception as exc:  # Jinja syntax/runtime errors, raise_exception, sandbox refusals
+        text = " ".join(str(exc).split()) or exc.__class__.__name__
+        raise TemplateError(f"chat template ({origin}) failed to render: {text[:300]}") from exc
+
+
 @dataclass
 class ChatTemplate:
     """A validated chat template bound to a tokenizer, with the token ids that end a turn."""
@@ -84,12 +104,14 @@ class ChatTemplate:
             if rest and rest[0]["role"] == "user":
                 rest = [{"role": "user", "content": sys_text + "\n\n" + rest[0]["content"]}, *rest[1:]]
             msgs = rest or [{"role": "user", "content": sys_text}]
-        try:
-            return self.tokenizer.apply_chat_template(
-                msgs, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as exc:
-            raise TemplateError(f"chat template ({self.origin}) failed to render: {exc}") from exc
+        context = {
+            **(getattr(self.tokenizer, "special_tokens_map", None) or {}),
+            "messages": msgs,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        return render_chat_template(self.source, context, self.origin)
 
     def encode(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Render and tokenize; ids equal ``tokenizer.apply_chat_template(..., tokenize=True)``."""
@@ -147,6 +169,8 @@ def build_template(
     try:
         with_sys = tpl.render([{"role": "system", "content": "zlocal-probe-system"}, *probe[:2]], False)
         tpl.supports_system = "zlocal-probe-system" in with_sys
+    except TemplateLimitError:
+        raise  # a template that hangs or balloons on a system turn is hostile, not system-less
     except TemplateError:
         tpl.supports_system = False
 
