@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from zlocal import cpu_kernels, cpu_quant
+from zlocal import cpu_kernels, cpu_kernels_check, cpu_quant
 
 
 def _kernel():
@@ -177,8 +177,8 @@ def test_a_wrong_kernel_fails_its_self_check(which):
             if which == "int4 dequantized":
                 out.mul_(1.05)
 
-    assert re.search(rf"\({which}[,)]", cpu_kernels._self_check(Off()))
-    assert cpu_kernels._self_check(kernel) is None
+    assert re.search(rf"\({which}[,)]", cpu_kernels_check._matmul_check(Off()))
+    assert cpu_kernels_check._matmul_check(kernel) is None
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -186,7 +186,7 @@ def test_decode_stack_self_check(threads, monkeypatch):
     # the whole-layer decode kernel is checked against a float layer before any model uses it
     kernel = _kernel()
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert cpu_kernels._stack_self_check(kernel) is None
+    assert cpu_kernels_check._stack_check(kernel) is None
 
     class Off:
         def _decode(self, dims, layers, h, *args):
@@ -196,7 +196,7 @@ def test_decode_stack_self_check(threads, monkeypatch):
             out.mul_(1.05)  # 5%: far beyond rounding
             return err
 
-    assert "decode self-check" in cpu_kernels._stack_self_check(Off())
+    assert "decode self-check" in cpu_kernels_check._stack_check(Off())
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

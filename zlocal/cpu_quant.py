@@ -31,6 +31,8 @@ from .errors import InvalidArgumentError
 # innerKTiles of the CPU int4 packing; the kernel requires out_features % 16 == 0.
 _INNER_K_TILES = 8
 _INT4_N_MULTIPLE = 16
+# _weight_int8pack_mm's vector loop: rows whose width is not a multiple of 16 are read past their end
+_TORCH_INT8_K_MULTIPLE = 16
 GROUP_SIZES = (128, 64, 32)
 
 
@@ -42,14 +44,50 @@ def int4_group_size(in_features: int, preferred: int = 128) -> int | None:
     return None
 
 
+def torch_int8_supported(out_features: int, in_features: int) -> bool:
+    """Whether ``_weight_int8pack_mm`` computes this shape correctly. On torch 2.14 (AVX-512) it
+    reads past rows whose width is not a multiple of 16: K=100 crashes the process, K=8, 24, 40 or
+    200 return inf/NaN (``tests/test_kernel_shapes.py`` draws both sides)."""
+    return out_features > 0 and in_features > 0 and in_features % _TORCH_INT8_K_MULTIPLE == 0
+
+
+def torch_int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether ``_weight_int4pack_mm_for_cpu`` (and its packing) runs this shape: output rows in
+    whole blocks of 16, a group size it implements dividing the input width."""
+    return (
+        out_features > 0
+        and out_features % _INT4_N_MULTIPLE == 0
+        and group_size in GROUP_SIZES
+        and in_features % group_size == 0
+    )
+
+
 def can_quantize(linear_shape: tuple[int, int], bits: int, group_size: int = 128) -> bool:
-    """True when the CPU kernel for ``bits`` accepts an (out_features, in_features) weight."""
+    """True when an (out_features, in_features) weight can become a ``bits``-bit CPU module here.
+    int8 always can (shapes no kernel runs use the ``dense`` layout: codes dequantized per call);
+    int4 needs a group size in GROUP_SIZES dividing the input and a shape PyTorch's kernel runs
+    (zlocal's runs all of those, and only in bf16), otherwise the layer stays in the compute dtype."""
     out_f, in_f = linear_shape
+    if out_f < 1 or in_f < 1:
+        return False
     if bits == 8:
         return True
     if bits == 4:
-        return out_f % _INT4_N_MULTIPLE == 0 and int4_group_size(in_f, group_size) is not None
+        g = int4_group_size(in_f, group_size)
+        return g is not None and torch_int4_supported(out_f, in_f, g)
     return False
+
+
+def kernel_for(linear_shape: tuple[int, int], bits: int, dtype: torch.dtype, group_size: int = 128) -> str:
+    """Which code runs an (out_features, in_features) layer in ``bits`` here, for plans and reports:
+    ``zlocal`` (zlocal's kernels), ``torch`` (PyTorch's weight-only kernel), ``dense`` (int8 codes
+    dequantized per call) or ``unquantized`` (the layer stays in the compute dtype)."""
+    out_f, in_f = linear_shape
+    if not can_quantize(linear_shape, bits, group_size):
+        return "unquantized"
+    if bits == 8:
+        return int8_layout(out_f, in_f, dtype)
+    return int4_layout(out_f, in_f, int4_group_size(in_f, group_size), dtype)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,10 +254,12 @@ def int4_pack_block() -> int | None:
 
 def int8_layout(out_features: int, in_features: int, dtype: torch.dtype) -> str:
     """How an int8 weight is stored here: ``"zlocal"`` (``cpu_kernels.pack_int8``'s tiles, when
-    its kernel runs on this CPU and fits the shape) or ``"torch"`` (row-major)."""
-    if dtype != torch.bfloat16 or not cpu_kernels.supports_int8(out_features, in_features):
-        return "torch"
-    return "zlocal" if cpu_kernels.kernels() else "torch"
+    its kernel runs on this CPU and fits the shape), ``"torch"`` (row-major, for
+    ``_weight_int8pack_mm``) or ``"dense"`` (row-major, dequantized per call: shapes neither
+    kernel computes correctly)."""
+    if dtype == torch.bfloat16 and cpu_kernels.supports_int8(out_features, in_features) and cpu_kernels.kernels():
+        return "zlocal"
+    return "torch" if torch_int8_supported(out_features, in_features) else "dense"
 
 
 def int4_layout(out_features: int, in_features: int, group_size: int, dtype: torch.dtype) -> str:
@@ -233,24 +273,38 @@ def int4_layout(out_features: int, in_features: int, group_size: int, dtype: tor
     return "torch"
 
 
-def _check_layout(layout: str | None, best: str, what: str) -> str:
-    """``layout`` if this machine can run it for the layer (None: ``best``, the best one here)."""
-    if layout is None:
-        return best
-    if layout in ("torch", best):
-        return layout
+def _check_layout(layout: str | None, best: str, runs: dict[str, bool], what: str) -> str:
+    """``layout`` if its kernel runs the layer here (None: ``best``, the best one here, provided
+    its kernel runs the shape; ``runs`` says which kernels do)."""
+    chosen = best if layout is None else layout
+    if runs.get(chosen, False):
+        return chosen
+    fits = [name for name, ok in runs.items() if ok]
     raise InvalidArgumentError(
-        f"layout {layout!r} cannot run {what} here ({cpu_kernels.kernel_status()}); use 'torch'"
+        f"layout {chosen!r} cannot run {what} here ({cpu_kernels.kernel_status()}); "
+        f"use {' or '.join(map(repr, fits)) if fits else 'the compute dtype (no kernel runs this shape)'}"
     )
 
 
 def _int4_layout(layout, out_f, in_f, group_size, dtype) -> str:
     what = f"a {out_f}x{in_f} {dtype} int4 layer with group size {group_size}"
-    return _check_layout(layout, int4_layout(out_f, in_f, group_size, dtype), what)
+    runs = {
+        "zlocal": dtype == torch.bfloat16 and cpu_kernels.supports_int4(out_f, in_f, group_size)
+        and cpu_kernels.kernels() is not None,
+        "torch": torch_int4_supported(out_f, in_f, group_size),
+    }
+    return _check_layout(layout, int4_layout(out_f, in_f, group_size, dtype), runs, what)
 
 
 def _int8_layout(layout, out_f, in_f, dtype) -> str:
-    return _check_layout(layout, int8_layout(out_f, in_f, dtype), f"a {out_f}x{in_f} {dtype} int8 layer")
+    runs = {
+        "zlocal": dtype == torch.bfloat16 and cpu_kernels.supports_int8(out_f, in_f)
+        and cpu_kernels.kernels() is not None,
+        "torch": torch_int8_supported(out_f, in_f),
+        "dense": True,
+    }
+    best = int8_layout(out_f, in_f, dtype)
+    return _check_layout(layout, best, runs, f"a {out_f}x{in_f} {dtype} int8 layer")
 
 
 def int4_matmul_blockwise(
@@ -282,8 +336,9 @@ def int4_matmul_blockwise(
 class Int8WeightOnlyLinear(_QuantLinearBase):
     """y = x @ (q * scale).T (+ bias) with per-channel int8 weights: on zlocal's own kernel where it
     runs (``cpu_kernels``: AVX-512 BF16, bf16 activations; the codes are then stored in its tiles),
-    else ``_weight_int8pack_mm``. bf16 prompts of ``DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs
-    with native bf16 GEMMs go through ``int8_matmul_blockwise``."""
+    else ``_weight_int8pack_mm`` where it computes the shape correctly, else a matmul on the codes
+    (``dense``). bf16 prompts of ``DEQUANT_GEMM_MIN_TOKENS`` tokens or more on CPUs with native bf16
+    GEMMs go through ``int8_matmul_blockwise``."""
 
     bits = 8
 
@@ -313,8 +368,10 @@ class Int8WeightOnlyLinear(_QuantLinearBase):
             y = int8_matmul_blockwise(x2, self.weight, self.scales, ours)
         elif ours:
             y = self._kernel.int8_mm(x2, self.weight, self.scales)
-        else:
+        elif self.layout == "torch":
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:  # codes are exact in bf16 and fp32; the scale goes on the sums
+            y = F.linear(x2, self.weight.to(x2.dtype)).mul_(self.scales)
         return self._finish(y, x.shape, x.dtype)
 
 
@@ -505,3 +562,50 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes of parameters plus buffers (what the model keeps resident)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor | None:
+    """The [out, in] float32 weight a CPU linear module multiplies by (its codes times its scales, in
+    whichever layout it stores them), or None for a module this does not know. For references and
+    checks: it allocates the whole float weight."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    if isinstance(module, Int8WeightOnlyLinear):
+        q = module.weight
+        if module.layout == "zlocal":
+            q = torch.empty_like(module.weight)
+            cpu_kernels.unpack_int8(q, module.weight)
+        return q.float() * module.scales.float()[:, None]
+    if isinstance(module, Int4WeightOnlyLinear):
+        codes = torch.empty(module.out_features, module.in_features, dtype=torch.int32)
+        if module.layout == "zlocal":
+            cpu_kernels.unpack_int4(codes, module.weight)
+            sz = cpu_kernels.scales_by_row(module.scales_and_zeros).transpose(0, 1)
+        elif (block := int4_pack_block()) and module.out_features % block == 0:
+            _unpack_int4(codes, module.weight, block)
+            sz = module.scales_and_zeros
+        else:  # torch's packing of a partial block is undocumented: read the weight back through its kernel
+            eye = torch.eye(module.in_features)
+            sz = module.scales_and_zeros.float()
+            return torch._weight_int4pack_mm_for_cpu(eye, module.weight, module.group_size, sz).t().contiguous()
+        return cpu_kernels.dequantize_int4(codes, sz, module.group_size)
+    return None
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fallback_note(linear_shapes: list[tuple[int, int]], bits: int, dtype: torch.dtype, group_size: int) -> str | None:
+    """A plan line naming the decoder projections (in ``ModelShape.linear_shapes`` order) that no
+    weight-only kernel runs here, and what runs them instead; None when every one has a kernel."""
+    slow = {}
+    for name, shape in zip(_PROJECTIONS, linear_shapes, strict=True):
+        kind = kernel_for(shape, bits, dtype, group_size)
+        if kind in ("dense", "unquantized"):
+            slow.setdefault(kind, []).append(f"{name} {shape[0]}x{shape[1]}")
+    how = {
+        "dense": "int8 codes dequantized per call (a plain matmul; no kernel computes these widths correctly)",
+        "unquantized": f"kept in {str(dtype).replace('torch.', '')} (no int{bits} kernel takes the shape)",
+    }
+    parts = [f"{', '.join(names)}: {how[kind]}" for kind, names in slow.items()]
+    return f"CPU kernel fallbacks: {'; '.join(parts)}" if parts else None

@@ -512,6 +512,8 @@ def make_plan(
         )
     if "int4" in (p.gpu_format, p.cpu_format):
         reasons.append(f"int4 uses groups of {p.group_size} weights (scale + zero per group)")
+    if p.cpu_layers and p.cpu_format in ("int8", "int4"):
+        reasons += _kernel_fallbacks(shape, p)
     if p.head_format == "int8":
         reasons.append(
             "lm_head on the int8 kernel (per-channel, as llama.cpp keeps its output layer at 8 bits): "
@@ -571,3 +573,14 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
         hardware=plan.hardware,
         reasons=[*plan.reasons, f"out of memory: stepped down ({change})"],
     )
+
+
+def _kernel_fallbacks(shape, p: LoadPlan) -> list[str]:
+    """The plan line naming CPU projections that no weight-only kernel runs on this machine."""
+    import torch
+
+    from .cpu_quant import fallback_note
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.compute_dtype, torch.float32)
+    note = fallback_note(shape.linear_shapes(), 8 if p.cpu_format == "int8" else 4, dtype, p.group_size)
+    return [note] if note else []

@@ -302,10 +302,21 @@ int zl_int4_pairing(int M, int N, int K, int G) {
     return M == 1 && K > 8192 && G != 32 && (N / ROWS) % 2 == 0 ? 2 : 1;
 }
 
-/* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Needs N % 4 == 0, K % 64 == 0,
- * G == 32 or G % 64 == 0, and K % G == 0. Returns 0, or -1 when out of memory. */
+/* The shapes the int4 tiles support: N % 4 == 0, K % 64 == 0, G == 32 or G % 64 == 0, K % G == 0, and at
+ * most MAX_GROUPS groups per row (per-group scales live in stack arrays). cpu_kernels.supports_int4 states
+ * the same on the Python side; each entry point checks again. */
+int zl_int4_shape_ok(int N, int K, int G) {
+    return N > 0 && K > 0 && N % ROWS == 0 && K % 64 == 0 && (G == 32 || (G > 0 && G % 64 == 0)) && K % G == 0
+        && K / G <= MAX_GROUPS;
+}
+
+int zl_int8_shape_ok(int N, int K) { return N > 0 && K > 0 && N % ROWS == 0 && K % 64 == 0; }
+
+/* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Returns 0, -1 when out of memory, or
+ * ZL_EBADSHAPE for a shape outside zl_int4_shape_ok (nothing is read or written then). */
 int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
                int M, int N, int K, int G, int threads) {
+    if (M < 1 || threads < 1 || !zl_int4_shape_ok(N, K, G) || !x || !w || !sz || !y) return ZL_EBADSHAPE;
     const int groups = K / G;
     float small[512];  /* group sums of x: on the stack for one token, else on the heap */
     float *xsum = (size_t)M * groups <= 512 ? small : malloc(sizeof(float) * (size_t)M * groups);
@@ -348,7 +359,8 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
  * even) to bf16: the block-wise prompt path multiplies these with oneDNN's bf16 GEMM. w and sz start at
  * a tile; rows % 4 == 0; out is [rows][K]. One pass, vectorized: the torch ops it replaces (unpack,
  * subtract, scale, shift) took longer than the GEMM itself. */
-void zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int rows, int K, int G, int threads) {
+int zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int rows, int K, int G, int threads) {
+    if (threads < 1 || !zl_int4_shape_ok(rows, K, G) || !w || !sz || !out) return ZL_EBADSHAPE;
     const int groups = K / G, tiles = rows / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t++) {
@@ -374,6 +386,7 @@ void zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int ro
             }
         }
     }
+    return 0;
 }
 
 /* int8: weights in tiles of 4 rows, [N/4][K/64][4][64] int8, per-row bf16 scales.
@@ -414,9 +427,12 @@ void zl_int8_tile(const uint16_t *xm, const int8_t *w, const uint16_t *scales, u
     }
 }
 
-void zl_int8_mm(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y,
-                int M, int N, int K, int threads) {
+/* Returns 0, or ZL_EBADSHAPE for a shape outside zl_int8_shape_ok (nothing is read or written then). */
+int zl_int8_mm(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y,
+               int M, int N, int K, int threads) {
+    if (M < 1 || threads < 1 || !zl_int8_shape_ok(N, K) || !x || !w || !scales || !y) return ZL_EBADSHAPE;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < N / ROWS; t++)
         for (int m = 0; m < M; m++) zl_int8_tile(x + (size_t)m * K, w, scales, y + (size_t)m * N, t, K);
+    return 0;
 }

@@ -26,6 +26,13 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* Returned by every entry point for arguments outside what it supports; it then touches no memory. */
+#define ZL_EBADSHAPE (-2)
+/* groups per int4 row: their scales sit in stack arrays (2 * 4 * MAX_GROUPS floats) */
+#define MAX_GROUPS 4096
+
+int zl_int4_shape_ok(int N, int K, int G);
+int zl_int8_shape_ok(int N, int K);
 /* The sums of x over each group of G inputs (G % 16 == 0), for the zero-point offsets. */
 void zl_group_sums(const uint16_t *x, int K, int G, float *xsum);
 /* One token: rows 4t.. of y (or 4t.. and 4t+4.. with pair == 2) from tile t of the int4 weight. */

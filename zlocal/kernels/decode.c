@@ -151,11 +151,35 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
+static int mat_ok(const ZlMat *m, int N, int K) {
+    if (m->w == NULL || m->s == NULL || m->N != N || m->K != K) return 0;
+    if (m->bits == 8) return zl_int8_shape_ok(N, K);
+    return m->bits == 4 && zl_int4_shape_ok(N, K, m->G);
+}
+
+/* Whether the dimensions and every layer's matrices are what the step below assumes: rope copies one
+ * head into a 256-entry buffer and the attention reads 16 lanes at a time, the matrices chain
+ * hidden -> q/k/v -> hidden -> gate/up -> inter -> hidden, and pos is inside the caches. */
+static int dims_ok(const ZlDims *d, const ZlLayer *layers, int pos, int threads) {
+    const int H = d->hidden, hd = d->head_dim, nq = d->heads, nkv = d->kv_heads, I = d->inter;
+    if (d->layers < 1 || H < 1 || I < 1 || nq < 1 || nkv < 1 || nq % nkv || threads < 1) return 0;
+    if (hd < 16 || hd > 256 || hd % 16 || pos < 0 || pos >= d->max_tokens || d->window < 0) return 0;
+    for (int l = 0; l < d->layers; l++) {
+        const ZlLayer *L = layers + l;
+        if (!L->w_in || !L->w_post || !L->k_cache || !L->v_cache) return 0;
+        if (!mat_ok(&L->qkv, (nq + 2 * nkv) * hd, H) || !mat_ok(&L->o, H, nq * hd)) return 0;
+        if (!mat_ok(&L->gate_up, 2 * I, H) || !mat_ok(&L->down, H, I)) return 0;
+    }
+    return 1;
+}
+
 /* h [hidden] bf16, the token's embedding, becomes the last layer's output (before the final norm).
  * cos/sin: the rotary rows of position pos. The caches get position pos; attention reads positions
- * max(0, pos + 1 - window)..pos. Returns 0, or -1 when out of memory. */
+ * max(0, pos + 1 - window)..pos. Returns 0, -1 when out of memory, or ZL_EBADSHAPE when dims_ok
+ * rejects the arguments (nothing is written then). */
 int zl_decode_layers(const ZlDims *d, const ZlLayer *layers, uint16_t *h, int pos,
                      const uint16_t *cos, const uint16_t *sin, int threads) {
+    if (!d || !layers || !h || !cos || !sin || !dims_ok(d, layers, pos, threads)) return ZL_EBADSHAPE;
     const int H = d->hidden, hd = d->head_dim, nq = d->heads, nkv = d->kv_heads, I = d->inter;
     const int end = pos + 1, lo = d->window > 0 && end > d->window ? end - d->window : 0;
     const size_t qkv_n = (size_t)(nq + 2 * nkv) * hd;
