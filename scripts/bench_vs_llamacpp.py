@@ -319,6 +319,20 @@ def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> di
     return res
 
 
+def _tokenizer_dir(given: str | None) -> Path:
+    """The tokenizer for the random Mistral: ``given``, or the test fixtures' copy, built on a fresh
+    checkout from mistral-common's tokenizer file (one line and a non-zero exit when that is missing)."""
+    if given:
+        return Path(given)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import fixtures
+
+    try:
+        return fixtures.tokenizer_dir()
+    except RuntimeError as exc:
+        raise SystemExit(f"bench_vs_llamacpp: {exc}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,mistral", help="comma list of smollm2, mistral")
@@ -330,8 +344,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--tokenizer",
-        default=str(Path(__file__).resolve().parents[1] / ".fixtures" / "mistral-tokenizer-v1"),
-        help="Mistral tokenizer dir for the random model (built by the test fixtures)",
+        default=None,
+        help="Mistral tokenizer dir for the random model (default: built like the test fixtures, from "
+        "mistral-common's tokenizer file)",
     )
     ap.add_argument(
         "--llama-extra-buffers",
@@ -374,7 +389,7 @@ def main() -> None:
 
             model_dir, key = Path(resolve_model("smollm2-135m").path), "smollm2-135m-instruct"
         elif name == "mistral":
-            model_dir = build_mistral(args.mistral_layers, Path(args.tokenizer))
+            model_dir = build_mistral(args.mistral_layers, _tokenizer_dir(args.tokenizer))
             key = f"mistral-7b-shape-l{args.mistral_layers}"
         else:
             raise SystemExit(f"unknown model {name!r}; use smollm2 or mistral")
