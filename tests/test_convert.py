@@ -116,14 +116,20 @@ def test_small_shards_are_indexed(tiny_zephyr, tmp_path):
 
 # -- refusals ------------------------------------------------------------------------------------
 def test_existing_out_refused_and_untouched(tiny_zephyr, tmp_path):
+    """Without --overwrite nothing existing is touched; with it, only an earlier zlocal output is
+    replaced (tests/test_convert_output.py covers every refusal)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match=r"already exists.*--overwrite"):
         convert(tiny_zephyr, out, "int8", evaluate=False, quiet=True)
+    with pytest.raises(ConversionError, match=r"no zlocal\.json"):
+        convert(tiny_zephyr, out, "int8", evaluate=False, quiet=True, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     convert(tiny_zephyr, out, "int8", evaluate=False, quiet=True, overwrite=True)
-    assert not (out / "keep.txt").exists() and verify(out).ok
+    convert(tiny_zephyr, out, "nf4", evaluate=False, quiet=True, overwrite=True)
+    assert verify(out).ok and json.loads((out / "zlocal.json").read_text())["method"] == "nf4"
 
 
 def test_pickle_refused_without_opt_in(tiny_zephyr, tmp_path):
@@ -210,9 +216,9 @@ def test_group_size_must_divide_every_layer():
 
 
 def test_not_enough_disk(tiny_zephyr, tmp_path, monkeypatch):
-    import zlocal.convert as zc
+    import zlocal.convert_output as zo
 
-    monkeypatch.setattr(zc, "free_bytes", lambda p: 10_000_000)
+    monkeypatch.setattr(zo, "free_bytes", lambda p: 10_000_000)
     with pytest.raises(ConversionError, match="not enough disk space"):
         convert(tiny_zephyr, tmp_path / "o", "nf4", evaluate=False, quiet=True)
     assert list(tmp_path.iterdir()) == []

@@ -88,3 +88,72 @@ def test_sym_option_reaches_the_plan_and_is_gptq_only(tiny_zephyr, tmp_path):
     with pytest.raises(InvalidArgumentError, match="--sym"):
         convert(tiny_zephyr, tmp_path / "o", "nf4", sym=True, evaluate=False, quiet=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_group_size_falls_back_to_per_channel():
+    """Input features 200 (the issue's case): no preferred size divides it, so per-channel, said
+    in one line, with scale tuning (which needs groups) off by default and refused on request."""
+    from zlocal.errors import InvalidArgumentError
+    from zlocal.quantize_gptq import PER_CHANNEL, check_group_size, default_group_size, plan_gptq
+
+    odd = {"hidden_size": 200, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
+    odd |= {"num_hidden_layers": 2, "vocab_size": 32000}
+    assert default_group_size(odd) == PER_CHANNEL == -1
+    check_group_size(odd, -1)  # accepted when given, too
+    with pytest.raises(InvalidArgumentError, match="does not divide q_proj/k_proj/v_proj input features 200"):
+        check_group_size(odd, 32)
+    common = dict(bits=4, group_size=None, samples=None, seq_len=None, calibration=None)
+    plan = plan_gptq(odd, **common)
+    assert plan.group_size == -1 and plan.tune_epochs == 0 and "per channel" in plan.tune_note
+    assert plan.group_note.startswith("GPTQ group size -1 (per channel): none of 128, 64, 32 divides")
+    assert "q_proj/k_proj/v_proj=200" in plan.group_note
+    with pytest.raises(InvalidArgumentError, match=r"scale tuning needs GPTQ groups.*--tune-epochs 0"):
+        plan_gptq(odd, **{**common, "tune_epochs": 8})
+    grouped = plan_gptq({**odd, "hidden_size": 192}, **common)
+    assert grouped.group_size == 64 and grouped.group_note.startswith("GPTQ group size 64: the largest of")
+    assert plan_gptq({**odd, "hidden_size": 192}, **{**common, "group_size": 32}).group_note.endswith(
+        "given with --group-size"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq4", "gptq8"])
+def test_per_channel_round_trip(method, tmp_path, capsys):
+    """Input features 200 quantize per channel, say so, and load in transformers and zlocal (CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    import zlocal
+    from tests.fixtures import build_tiny_mistral
+    from zlocal.manifest import sha256_file
+    from zlocal.quality import builtin_text
+
+    src = tmp_path / "src"
+    build_tiny_mistral(src, hidden_size=200)
+    calib = tmp_path / "my-calibration.txt"
+    calib.write_text(builtin_text("calibration.txt"), encoding="utf-8")
+    out = tmp_path / method
+    r = convert(src, out, method, calibration=calib, samples=2, seq_len=64, evaluate=False)
+    err = capsys.readouterr().err
+    assert "GPTQ group size -1 (per channel): none of 128, 64, 32 divides" in err
+    assert verify(out).ok and r.group_size == -1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["group_size"] == -1 and qc["bits"] == int(method[-1])
+    m = json.loads((out / "zlocal.json").read_text())
+    assert m["group_size"] == -1 and m["conversion"]["group_size_note"].startswith("GPTQ group size -1")
+    assert m["conversion"]["options"]["tune_epochs"] == 0 and m["conversion"]["scale_tuning"] is None
+    opts = m["conversion"]["options"]
+    assert opts["calibration"] == "my-calibration.txt" and opts["calibration_sha256"] == sha256_file(calib)
+    assert str(tmp_path) not in (out / "zlocal.json").read_text()
+
+    ids = [1, 22557, 736, 28725, 910]
+    native = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.bfloat16)
+    hf = native.generate(torch.tensor([ids[:3]]), max_new_tokens=4, do_sample=False)[0, 3:].tolist()
+    want = native(torch.tensor([ids])).logits[0, -1].float()
+    rt = zlocal.load(str(out), dtype="bfloat16", max_context=64)
+    toks = [x.token for x in rt.stream_tokens(ids[:3], max_new_tokens=4, temperature=0) if x.token]
+    assert len(hf) == 4 and toks == hf
+    # zlocal's int4 kernel takes groups only: per-channel layers stay on gptqmodel's kernel
+    assert type(rt.model.model.layers[1].mlp.down_proj).__name__ != "Int4WeightOnlyLinear"
+    rt.engine.reset()
+    got = rt.engine.prefill(ids).float()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999

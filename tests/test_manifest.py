@@ -76,3 +76,32 @@ def test_cli_verify_exit_codes(copy, capsys):
     (copy / "config.json").write_text("{}")
     assert main(["verify", str(copy)]) == 8
     assert "changed: config.json" in capsys.readouterr().out
+
+
+def test_source_recorded_by_name_and_hashes_not_path(converted, tiny_zephyr):
+    """The manifest travels with the checkpoint: it names the source and hashes its shards, and
+    says nothing about where it sat on the converting machine."""
+    from pathlib import Path
+
+    text = (Path(converted.out) / MANIFEST_NAME).read_text()
+    m = json.loads(text)
+    assert m["manifest_version"] == 2
+    assert set(m["source"]) == {"name", "repo_id", "model_type", "weights_format", "shards"}
+    assert m["source"]["name"] == tiny_zephyr.name
+    assert m["source"]["shards"] == {"model.safetensors": sha256_file(tiny_zephyr / "model.safetensors")}
+    assert str(tiny_zephyr.parent) not in text
+
+
+def test_version_1_manifest_still_reads_and_verifies(copy, capsys):
+    """Manifests written before version 2 kept the source's absolute path; they stay readable."""
+    from zlocal.cli import main
+
+    m = json.loads((copy / MANIFEST_NAME).read_text())
+    m["manifest_version"] = 1
+    m["source"]["path"] = "/home/someone/models/zephyr"
+    m["conversion"] = {"seconds": 1.0, "options": {"calibration": "builtin"}}
+    (copy / MANIFEST_NAME).write_text(json.dumps(m))
+    old = read_manifest(copy)
+    assert old.manifest_version == 1 and old.source["path"] == "/home/someone/models/zephyr"
+    assert verify(copy).ok
+    assert main(["verify", str(copy)]) == 0 and capsys.readouterr().out.startswith("OK:")

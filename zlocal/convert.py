@@ -1,10 +1,11 @@
 """``zlocal convert``: quantize a checkpoint into a new, verified, self-describing directory.
 
-Every check that can fail (architecture, shard integrity, shapes against the config, group size,
+Every check that can fail (where OUT is and what --overwrite would delete, architecture, shard
+integrity, shapes against the config, layer shapes bitsandbytes cannot run on the CPU, group size,
 free disk) runs before any work. The output is written into a temporary directory beside OUT and
 renamed into place only after the manifest (hashes plus quality report) is written, so an
 interrupted run never leaves a half-written OUT; stale temp dirs of dead runs are removed by the
-next run.
+next run (zlocal.convert_output).
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from typing import Any
 
 import torch
 
+from .convert_output import TMP_MARK, check_disk, check_output, clean_stale_temp, install
 from .errors import CheckpointError, ConversionError, InvalidArgumentError, ZlocalError
-from .manifest import Manifest, read_manifest, sha256_file, write_manifest
+from .manifest import Manifest, library_versions, read_manifest, sha256_file, write_manifest
 from .quantize_bnb import (
     BNB_METHODS,
     DEFAULT_MAX_SHARD_BYTES,
     ST_DTYPES,
+    ByteProgress,
     TensorEntry,
     bnb_quantization_config,
-    estimate_output_bytes,
+    check_cpu_loadable,
     quantize_bnb,
     read_header,
 )
@@ -38,7 +41,6 @@ from .quantize_gptq import GPTAQ_ALPHA
 
 METHODS = {"nf4": 4, "fp4": 4, "int8": 8, "gptq4": 4, "gptq8": 8}
 CONVERTIBLE_TYPES = {"mistral", "llama", "qwen2"}
-TMP_MARK = ".zlocal-tmp-"
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", "zlocal.json"}
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -198,39 +200,7 @@ def _pickle_to_safetensors(shards: list[Path], tmp: Path) -> list[tuple[Path, di
     return out
 
 
-# -- temp dirs and disk --------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp(out: Path) -> list[Path]:
-    """Remove temp dirs left beside OUT by conversions whose process is gone; return them."""
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
-        try:
-            pid = int((p / ".pid").read_text().strip())
-        except (OSError, ValueError):
-            pid = -1
-        if pid > 0 and _pid_alive(pid):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def free_bytes(path: Path) -> int:
-    """Free space on the filesystem holding ``path`` (a function so tests can stand in a full disk)."""
-    return shutil.disk_usage(path).free
-
-
+# -- output ----------------------------------------------------------------------------------------
 def _copy_aux_files(src: Path, dst: Path, *, keep_existing: bool = False) -> None:
     """Tokenizer, chat template, generation config and other small files; never weights.
 
@@ -270,128 +240,37 @@ def convert(
     from .resolve import resolve_model
 
     t0 = time.time()
-    if method not in METHODS:
-        raise InvalidArgumentError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    bits = METHODS[method]
-    if method in BNB_METHODS and (group_size is not None or sym or tune_epochs is not None):
-        raise InvalidArgumentError("--group-size, --sym and --tune-epochs apply to gptq4/gptq8 only")
-    for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
-        if value is not None and value <= 0:
-            raise InvalidArgumentError(f"{flag} must be > 0, got {value}")
-    for flag, f in (("--calibration", calibration), ("--eval-text", eval_text)):
-        if f is not None and not Path(f).is_file():
-            raise InvalidArgumentError(f"{flag} {f}: no such file")
-
+    bits = _check_options(method, group_size, sym, tune_epochs, samples, seq_len, calibration, eval_text)
     resolved = resolve_model(src, allow_pickle=allow_pickle)
     src_path = resolved.path
-    out_path = Path(out).expanduser().absolute()
-    if out_path.resolve() == src_path.resolve() or src_path.resolve() in out_path.resolve().parents:
-        raise ConversionError(
-            f"OUT {out_path} is inside SRC; choose a directory outside the source checkpoint"
-        )
-    if out_path.exists() and not overwrite:
-        raise ConversionError(
-            f"{out_path} already exists; pass --overwrite to replace it or choose another OUT"
-        )
-    if out_path.exists() and not out_path.is_dir():
-        raise ConversionError(f"{out_path} is a file; OUT must be a directory path")
-    if not out_path.parent.is_dir():
-        raise ConversionError(f"parent directory {out_path.parent} does not exist; create it first")
-    clean_stale_temp(out_path)
-
-    config = json.loads((src_path / "config.json").read_text(encoding="utf-8"))
-    model_type = _text_config(config).get("model_type") or config.get("model_type")
-    if model_type not in CONVERTIBLE_TYPES:
-        raise ConversionError(
-            f"architecture '{model_type}' cannot be converted "
-            f"(supported: {', '.join(sorted(CONVERTIBLE_TYPES))})"
-        )
-    if config.get("quantization_config"):
-        raise ConversionError(
-            f"{resolved.name} is already quantized "
-            f"({config['quantization_config'].get('quant_method', '?')}); convert the original"
-        )
+    out_path = check_output(src_path, out, overwrite)
+    clean_stale_temp(out_path, protect=src_path)
+    config, model_type = _read_config(src_path, resolved.name)
     try:
         shards, parsed, flat = inspect_source(src_path, resolved.weights_format, config)
     except KeyError as exc:
         raise CheckpointError(f"config.json lacks {exc.args[0]}; cannot check tensor shapes") from exc
+    if method in BNB_METHODS:
+        check_cpu_loadable({n: s for n, (_, _, s) in flat.items()}, method)
 
     gptq_plan = None
     if method.startswith("gptq"):
-        from .quantize_gptq import plan_gptq
-
-        gptq_plan = plan_gptq(
-            config,
-            bits=bits,
-            group_size=group_size,
-            samples=samples,
-            seq_len=seq_len,
-            calibration=calibration,
-            sym=sym,
-            tune_epochs=tune_epochs,
+        gptq_plan = _plan_gptq(
+            config, bits, group_size, samples, seq_len, calibration, sym, tune_epochs, quiet
         )
         group_size = gptq_plan.group_size
-        if gptq_plan.tune_note and not quiet:
-            print(gptq_plan.tune_note, file=sys.stderr)
-
-    source_bytes = sum(p.stat().st_size for p in shards)
-    entries = [TensorEntry(n, d, s, 0, _numel(s) * _itemsize(d)) for n, (_, d, s) in flat.items()]
-    need = estimate_output_bytes(entries, "int8" if bits == 8 else "nf4")
-    if resolved.weights_format == "pickle" or method.startswith("gptq"):
-        # a staged safetensors copy of pickle weights; gptqmodel offloads layers to disk as it goes
-        need += source_bytes
-    need = int(need * 1.05) + (64 << 20)
-    have = free_bytes(out_path.parent)
-    if have < need:
-        raise ConversionError(
-            f"not enough disk space in {out_path.parent}: need about {need / 1e9:.2f} GB, "
-            f"{have / 1e9:.2f} GB free; free some space or choose another OUT"
-        )
+    source_bytes = check_disk(flat, shards, bits, method, resolved.weights_format, out_path.parent)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}{TMP_MARK}", dir=out_path.parent))
     try:
         (tmp / ".pid").write_text(str(os.getpid()))
-        tuning = None
         source_hashes = {p.name: sha256_file(p) for p in shards}
-        compute_dtype = _compute_dtype(config)
+        tuning = None
         if method in BNB_METHODS:
-            if resolved.weights_format == "pickle":
-                parsed = _pickle_to_safetensors(shards, tmp)
-            total = sum(e.nbytes for _, ents in parsed for e in ents.values())
-            with _progress(total, len(flat), f"{method}", quiet) as tick:
-                quantize_bnb(
-                    parsed,
-                    tmp,
-                    method,
-                    compute_dtype,
-                    progress=tick,
-                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-                )
-            shutil.rmtree(tmp / ".stage", ignore_errors=True)
-            _copy_aux_files(src_path, tmp)
-            new_config = dict(config)
-            new_config["quantization_config"] = bnb_quantization_config(method, compute_dtype)
-            (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+            _write_bnb(resolved, tmp, method, config, (shards, parsed, flat), quiet, max_shard_bytes)
         else:
-            from .quantize_gptq import quantize_gptq
-
-            tuning = quantize_gptq(
-                src_path,
-                tmp,
-                gptq_plan,
-                compute_dtype=compute_dtype,
-                quiet=quiet,
-                allow_pickle=resolved.weights_format == "pickle",
-            )
-            _copy_aux_files(src_path, tmp, keep_existing=True)
+            tuning = _write_gptq(resolved, tmp, gptq_plan, config, quiet)
         (tmp / ".pid").unlink()
-        if tuning is not None and not quiet:
-            print(
-                f"scale tuning: held-out KL {tuning.heldout_kl_before:.5f} -> "
-                f"{tuning.heldout_kl_after:.5f} (epoch {tuning.best_epoch} of {tuning.epochs}; "
-                f"0 keeps GPTQ's scales), {tuning.seconds:.0f} s",
-                file=sys.stderr,
-            )
         quality = None
         if evaluate:
             from .quality import evaluate as run_eval
@@ -400,37 +279,12 @@ def convert(
             quality = report.to_dict()
             if not quiet:
                 print(report.table(), file=sys.stderr)
-        manifest = Manifest(
-            method=method,
-            bits=bits,
-            group_size=group_size,
-            source={
-                "name": resolved.name,
-                "path": str(src_path),
-                "repo_id": resolved.repo_id,
-                "model_type": model_type,
-                "weights_format": resolved.weights_format,
-                "shards": source_hashes,
-            },
-            quality=quality,
-            conversion={
-                "seconds": round(time.time() - t0, 2),
-                "options": {
-                    "samples": getattr(gptq_plan, "samples", None),
-                    "seq_len": getattr(gptq_plan, "seq_len", None),
-                    "sym": getattr(gptq_plan, "sym", None),
-                    "gptaq_alpha": GPTAQ_ALPHA if gptq_plan else None,
-                    "tune_epochs": getattr(gptq_plan, "tune_epochs", None),
-                    "calibration": str(calibration) if calibration else "builtin",
-                },
-                "scale_tuning": tuning.to_dict() if tuning is not None else None,
-            },
-        )
-        from .manifest import library_versions
-
+        source = _source_record(resolved, model_type, source_hashes)
+        manifest = Manifest(method=method, bits=bits, group_size=group_size, source=source, quality=quality)
         manifest.versions = library_versions()
+        manifest.conversion = _conversion_record(t0, gptq_plan, calibration, tuning)
         write_manifest(tmp, manifest)
-        _install(tmp, out_path)
+        install(tmp, out_path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, ZlocalError | KeyboardInterrupt | SystemExit):
@@ -453,70 +307,143 @@ def convert(
     )
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir to OUT; an old OUT (with --overwrite) is removed only afterwards."""
-    # mkdtemp and some writers create private (0700/0600) entries; give OUT the usual umask modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for p in tmp.iterdir():
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-    if out.exists():
-        old = out.parent / f".{out.name}{TMP_MARK}old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+def _check_options(method, group_size, sym, tune_epochs, samples, seq_len, calibration, eval_text) -> int:
+    """Refuse option values that cannot work, before SRC is even resolved; return the bit width."""
+    if method not in METHODS:
+        raise InvalidArgumentError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in BNB_METHODS and (group_size is not None or sym or tune_epochs is not None):
+        raise InvalidArgumentError("--group-size, --sym and --tune-epochs apply to gptq4/gptq8 only")
+    for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
+        if value is not None and value <= 0:
+            raise InvalidArgumentError(f"{flag} must be > 0, got {value}")
+    for flag, f in (("--calibration", calibration), ("--eval-text", eval_text)):
+        if f is not None and not Path(f).is_file():
+            raise InvalidArgumentError(f"{flag} {f}: no such file")
+    return METHODS[method]
+
+
+def _read_config(src_path: Path, name: str) -> tuple[dict, str]:
+    """SRC's config.json and model type; refuse architectures we cannot convert and quantized sources."""
+    config = json.loads((src_path / "config.json").read_text(encoding="utf-8"))
+    model_type = _text_config(config).get("model_type") or config.get("model_type")
+    if model_type not in CONVERTIBLE_TYPES:
+        raise ConversionError(
+            f"architecture '{model_type}' cannot be converted "
+            f"(supported: {', '.join(sorted(CONVERTIBLE_TYPES))})"
+        )
+    if config.get("quantization_config"):
+        raise ConversionError(
+            f"{name} is already quantized "
+            f"({config['quantization_config'].get('quant_method', '?')}); convert the original"
+        )
+    return config, model_type
+
+
+def _write_bnb(resolved, tmp: Path, method: str, config: dict, source, quiet: bool, max_shard_bytes) -> None:
+    """Stream SRC through bitsandbytes into ``tmp`` with the config transformers would write.
+
+    ``source``: ``inspect_source``'s (shards, parsed headers, flat tensor table).
+    """
+    shards, parsed, flat = source
+    compute_dtype = _compute_dtype(config)
+    if resolved.weights_format == "pickle":
+        parsed = _pickle_to_safetensors(shards, tmp)
+    total = sum(e.nbytes for _, ents in parsed for e in ents.values())
+    with ByteProgress(total, len(flat), f"{method}", quiet) as tick:
+        quantize_bnb(
+            parsed,
+            tmp,
+            method,
+            compute_dtype,
+            progress=tick,
+            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+        )
+    shutil.rmtree(tmp / ".stage", ignore_errors=True)
+    _copy_aux_files(resolved.path, tmp)
+    new_config = dict(config)
+    new_config["quantization_config"] = bnb_quantization_config(method, compute_dtype)
+    (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_gptq(resolved, tmp: Path, plan, config: dict, quiet: bool):
+    """Run GPTQ (and scale tuning) into ``tmp``; return the tuning report or None."""
+    from .quantize_gptq import quantize_gptq
+
+    tuning = quantize_gptq(
+        resolved.path,
+        tmp,
+        plan,
+        compute_dtype=_compute_dtype(config),
+        quiet=quiet,
+        allow_pickle=resolved.weights_format == "pickle",
+    )
+    _copy_aux_files(resolved.path, tmp, keep_existing=True)
+    if tuning is not None and not quiet:
+        print(
+            f"scale tuning: held-out KL {tuning.heldout_kl_before:.5f} -> "
+            f"{tuning.heldout_kl_after:.5f} (epoch {tuning.best_epoch} of {tuning.epochs}; "
+            f"0 keeps GPTQ's scales), {tuning.seconds:.0f} s",
+            file=sys.stderr,
+        )
+    return tuning
+
+
+def _plan_gptq(config, bits, group_size, samples, seq_len, calibration, sym, tune_epochs, quiet):
+    """The checked GPTQ plan; prints which group size it chose and why (and any tuning note)."""
+    from .quantize_gptq import plan_gptq
+
+    plan = plan_gptq(
+        config,
+        bits=bits,
+        group_size=group_size,
+        samples=samples,
+        seq_len=seq_len,
+        calibration=calibration,
+        sym=sym,
+        tune_epochs=tune_epochs,
+    )
+    for note in (plan.group_note, plan.tune_note):
+        if note and not quiet:
+            print(note, file=sys.stderr)
+    return plan
+
+
+def _source_record(resolved, model_type: str, shard_hashes: dict[str, str]) -> dict[str, Any]:
+    """What the manifest says about SRC: its name and shard hashes, never where it sat.
+
+    A local directory is named by its own name (the path says where it was, not what it is).
+    """
+    return {
+        "name": resolved.path.name if resolved.source == "local" else resolved.name,
+        "repo_id": resolved.repo_id,
+        "model_type": model_type,
+        "weights_format": resolved.weights_format,
+        "shards": shard_hashes,
+    }
+
+
+def _conversion_record(t0: float, plan, calibration, tuning) -> dict[str, Any]:
+    """The manifest's ``conversion`` block: time, options, and the group size and why.
+
+    Files given on the command line are kept by name and hash, not path: the manifest travels with
+    the checkpoint and should say what went in, not where it sat on this machine.
+    """
+    return {
+        "seconds": round(time.time() - t0, 2),
+        "options": {
+            "samples": getattr(plan, "samples", None),
+            "seq_len": getattr(plan, "seq_len", None),
+            "sym": getattr(plan, "sym", None),
+            "gptaq_alpha": GPTAQ_ALPHA if plan else None,
+            "tune_epochs": getattr(plan, "tune_epochs", None),
+            "calibration": Path(calibration).name if calibration else "builtin",
+            "calibration_sha256": sha256_file(Path(calibration)) if calibration else None,
+        },
+        "group_size_note": plan.group_note if plan else None,
+        "scale_tuning": tuning.to_dict() if tuning is not None else None,
+    }
 
 
 def _compute_dtype(config: dict) -> torch.dtype:
     name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
     return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    from .quantize_bnb import ST_ITEMSIZE
-
-    return ST_ITEMSIZE.get(dtype, 4)
-
-
-class _progress:
-    """tqdm over bytes with the tensor count as a postfix; ETA comes from the byte rate."""
-
-    def __init__(self, total_bytes: int, total_tensors: int, desc: str, quiet: bool):
-        self.total_bytes, self.total_tensors, self.desc, self.quiet = total_bytes, total_tensors, desc, quiet
-        self.done = 0
-
-    def __enter__(self):
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=self.total_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=self.desc,
-            disable=self.quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-
-        def tick(entry: TensorEntry) -> None:
-            self.done += 1
-            self.bar.set_postfix_str(f"{self.done}/{self.total_tensors} tensors", refresh=False)
-            self.bar.update(entry.nbytes)
-
-        return tick
-
-    def __exit__(self, *exc):
-        self.bar.close()
-        return False

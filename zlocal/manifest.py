@@ -14,7 +14,9 @@ from typing import Any
 from .errors import VerificationError
 
 MANIFEST_NAME = "zlocal.json"
-MANIFEST_VERSION = 1
+# 2: the source is recorded by name and shard hashes only (1 also kept its absolute path, which
+# says nothing about the weights and leaks the converting machine's layout); both read the same.
+MANIFEST_VERSION = 2
 _CHUNK = 8 << 20
 
 
@@ -55,11 +57,11 @@ class Manifest:
     method: str
     bits: int
     group_size: int | None
-    source: dict[str, Any]  # name, path, repo_id, model_type, shards {file: sha256}
+    source: dict[str, Any]  # name, repo_id, model_type, weights_format, shards {file: sha256}
     files: dict[str, FileEntry] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     quality: dict[str, Any] | None = None
-    conversion: dict[str, Any] = field(default_factory=dict)  # seconds, options
+    conversion: dict[str, Any] = field(default_factory=dict)  # seconds, options, group size note
     manifest_version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, DependencyError
+from .errors import CheckpointError, ConversionError, DependencyError
 
 BNB_METHODS = {"nf4": 4, "fp4": 4, "int8": 8}
 BLOCKSIZE_4BIT = 64  # what transformers/bitsandbytes use for Params4bit by default
@@ -174,6 +175,42 @@ class MappedShard:
 def should_quantize(name: str, shape: tuple[int, ...]) -> bool:
     """True for the 2-D weights of linear layers inside decoder blocks."""
     return len(shape) == 2 and bool(_LINEAR_RE.match(name))
+
+
+# bitsandbytes (0.50.2) repacks a 4-bit weight for its AVX-512 BF16 CPU kernel on the first forward
+# (functional._convert_weight_packed_for_cpu): rows go in tiles of 32 ("N must be divisible by
+# block_n") and the absmax of each 64-block is reshaped to [out, in / 64], which fails ("shape
+# '[64, 1]' is invalid for input of size 96") unless every block lies inside one row. CPUs without
+# AVX-512 BF16 dequantize any shape, but a checkpoint must load on every CPU, so the rule is the
+# kernel's. int8 has no such step: every shape tried (odd ones too) loads and runs.
+CPU_4BIT_OUT_MULTIPLE = 32
+CPU_4BIT_IN_MULTIPLE = BLOCKSIZE_4BIT
+
+
+def cpu_loadable(method: str, out_features: int, in_features: int) -> bool:
+    """Whether transformers can run a ``method`` layer of this shape on any CPU with bitsandbytes."""
+    if BNB_METHODS.get(method) != 4:
+        return True
+    return out_features % CPU_4BIT_OUT_MULTIPLE == 0 and in_features % CPU_4BIT_IN_MULTIPLE == 0
+
+
+def check_cpu_loadable(shapes: dict[str, tuple[int, ...]], method: str) -> None:
+    """Refuse, before any work, a checkpoint with a layer that ``method`` would quantize into a shape
+    bitsandbytes cannot run on the CPU; names the first such layer and what to do."""
+    bad = [
+        (name, shape)
+        for name, shape in sorted(shapes.items())
+        if should_quantize(name, shape) and not cpu_loadable(method, shape[0], shape[1])
+    ]
+    if not bad:
+        return
+    name, (out_f, in_f) = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise ConversionError(
+        f"{method}: {name} has out_features {out_f} and in_features {in_f}{more}; bitsandbytes' CPU "
+        f"4-bit kernel needs out_features divisible by {CPU_4BIT_OUT_MULTIPLE} and in_features by "
+        f"{CPU_4BIT_IN_MULTIPLE}, so the result would not load: use --method int8, gptq4 or gptq8"
+    )
 
 
 def quantize_tensor(
@@ -360,3 +397,38 @@ def quantize_bnb(
 def dtype_name(dtype: torch.dtype) -> str:
     """Safetensors spelling of a torch dtype (for messages)."""
     return _ST_NAMES.get(dtype, str(dtype))
+
+
+class ByteProgress:
+    """tqdm over bytes with the tensor count as a postfix; ETA comes from the byte rate.
+
+    ``with ByteProgress(...) as tick`` gives the callback ``quantize_bnb`` calls per tensor."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, desc: str, quiet: bool):
+        self.total_bytes, self.total_tensors, self.desc, self.quiet = total_bytes, total_tensors, desc, quiet
+        self.done = 0
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=self.desc,
+            disable=self.quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+        def tick(entry: TensorEntry) -> None:
+            self.done += 1
+            self.bar.set_postfix_str(f"{self.done}/{self.total_tensors} tensors", refresh=False)
+            self.bar.update(entry.nbytes)
+
+        return tick
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False

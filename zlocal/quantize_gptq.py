@@ -2,8 +2,8 @@
 
 gptqmodel quantizes one decoder layer at a time and offloads finished layers to disk, so peak
 memory is about one layer's activations for the calibration batch plus the layer being solved.
-The group size is checked against every linear layer's input features, and against the kernels
-that will run the result, before any work starts.
+The group size is the largest of the kernels' sizes dividing every linear layer's input features,
+else per-channel (-1), and a given one is checked against both before any work starts.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # gptqmodel's torch kernel, Marlin and ExLlama on GPUs. Larger groups save little and fail on
 # some kernels; per-channel (-1) has no CPU int4 kernel.
 KERNEL_GROUP_SIZES = (128, 64, 32)
+# The last resort when no size above divides every layer's input features: one group per output
+# row (gptqmodel's torch kernel and transformers run it; zlocal's int4 kernel does not).
+PER_CHANNEL = -1
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 256
 # Grid search of each group's clipping range, minimising the |w - q(w)|^2.4 error (the GPTQ paper's
@@ -61,6 +64,7 @@ class GptqPlan:
     # epochs of end-to-end scale tuning after GPTQ (zlocal.tune_scales); 0 keeps GPTQ's scales
     tune_epochs: int = 0
     tune_note: str | None = None  # why the default left tuning off
+    group_note: str = ""  # which group size and why (printed, and kept in zlocal.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,25 +94,40 @@ def linear_params(config: dict) -> int:
 
 
 def default_group_size(config: dict) -> int:
-    """Largest kernel-supported group size dividing every layer's input features."""
-    feats = linear_in_features(config)
-    for g in KERNEL_GROUP_SIZES:
-        if all(f % g == 0 for f in feats.values()):
-            return g
-    raise ConversionError(
-        f"no GPTQ group size in {list(KERNEL_GROUP_SIZES)} divides every layer's input features "
-        f"({', '.join(f'{k}={v}' for k, v in feats.items())}); use --method int8 or nf4 for this model"
+    """Largest kernel-supported group size dividing every layer's input features, else per-channel
+    (``PER_CHANNEL``, one group spanning each layer's whole input)."""
+    feats = linear_in_features(config).values()
+    return next((g for g in KERNEL_GROUP_SIZES if all(f % g == 0 for f in feats)), PER_CHANNEL)
+
+
+def group_size_note(config: dict, group_size: int, given: bool) -> str:
+    """The one line that says which group size GPTQ uses and why (printed and kept in zlocal.json)."""
+    feats = ", ".join(f"{k}={v}" for k, v in linear_in_features(config).items())
+    sizes = ", ".join(map(str, KERNEL_GROUP_SIZES))
+    if given:
+        what = " (per channel)" if group_size == PER_CHANNEL else ""
+        return f"GPTQ group size {group_size}{what}: given with --group-size"
+    if group_size == PER_CHANNEL:
+        return (
+            f"GPTQ group size -1 (per channel): none of {sizes} divides every layer's input features "
+            f"({feats}); per-channel scales lose more quality than groups and run on gptqmodel's kernel"
+        )
+    return (
+        f"GPTQ group size {group_size}: the largest of {sizes} "
+        f"dividing every layer's input features ({feats})"
     )
 
 
 def check_group_size(config: dict, group_size: int) -> None:
     """Refuse a group size the kernels cannot run or that does not divide some layer's inputs."""
-    if group_size not in KERNEL_GROUP_SIZES:
+    if group_size != PER_CHANNEL and group_size not in KERNEL_GROUP_SIZES:
         raise InvalidArgumentError(
             f"--group-size {group_size} is not supported; use one of "
             f"{', '.join(map(str, KERNEL_GROUP_SIZES))} "
-            "(the sizes the CPU int4, Marlin and ExLlama kernels all run)"
+            "(the sizes the CPU int4, Marlin and ExLlama kernels all run), or -1 for per-channel"
         )
+    if group_size == PER_CHANNEL:
+        return  # one group per row divides any input width
     for name, f in linear_in_features(config).items():
         if f % group_size:
             raise InvalidArgumentError(
@@ -133,25 +152,53 @@ def plan_gptq(
         raise InvalidArgumentError(f"GPTQ bits must be 4 or 8, got {bits}")
     gs = default_group_size(config) if group_size is None else int(group_size)
     check_group_size(config, gs)
+    group_note = group_size_note(config, gs, given=group_size is not None)
     max_pos = int(config.get("text_config", config).get("max_position_embeddings") or 4096)
     seq = seq_len or DEFAULT_SEQ_LEN
     if seq > max_pos:
         raise InvalidArgumentError(f"--seq-len {seq} exceeds the model's context of {max_pos} tokens")
     n_samples = samples or DEFAULT_SAMPLES
-    # 4 bits lose enough to be worth the tuning time; 8 bits are within a fraction of a percent
+    epochs, note = _tune_epochs(config, bits, gs, tune_epochs, n_samples, seq)
+    require_gptqmodel()
+    return GptqPlan(
+        bits=bits,
+        group_size=gs,
+        samples=n_samples,
+        seq_len=seq,
+        calibration=str(calibration) if calibration else None,
+        sym=bool(sym),
+        tune_epochs=epochs,
+        tune_note=note,
+        group_note=group_note,
+    )
+
+
+def _tune_epochs(
+    config: dict, bits: int, group_size: int, tune_epochs: int | None, n_samples: int, seq: int
+) -> tuple[int, str | None]:
+    """Epochs of scale tuning and, when the default leaves it off, why; raise for a request the
+    tuner cannot honour."""
     note = None
     if tune_epochs is not None:
         epochs = int(tune_epochs)
+    elif bits == 4 and group_size == PER_CHANNEL:
+        # the tuner fits one scale per group of rows and reads only grouped layouts
+        epochs, note = 0, "scale tuning is off: it needs groups, and this model is quantized per channel"
     elif bits == 4 and linear_params(config) > TUNE_DEFAULT_MAX_PARAMS:
         epochs = 0
         note = (
             f"scale tuning is off by default above {TUNE_DEFAULT_MAX_PARAMS / 1e9:.0f}B weights "
             f"(it runs on the CPU, hours for this model); --tune-epochs {TUNE_EPOCHS} runs it"
         )
-    else:
+    else:  # 4 bits lose enough to be worth the tuning time; 8 bits are within a fraction of a percent
         epochs = TUNE_EPOCHS if bits == 4 else 0
     if epochs < 0:
         raise InvalidArgumentError(f"--tune-epochs must be >= 0, got {epochs}")
+    if epochs and group_size == PER_CHANNEL:
+        raise InvalidArgumentError(
+            "scale tuning needs GPTQ groups and this model is quantized per channel (--group-size -1); "
+            "use --tune-epochs 0"
+        )
     vocab = int(config.get("text_config", config).get("vocab_size") or 0)
     ref_bytes = n_samples * seq * vocab * 2
     if epochs and ref_bytes > TUNE_MAX_REFERENCE_BYTES:
@@ -165,17 +212,7 @@ def plan_gptq(
             "scale tuning holds out part of the calibration windows: use --samples 2 or more, "
             "or --tune-epochs 0"
         )
-    require_gptqmodel()
-    return GptqPlan(
-        bits=bits,
-        group_size=gs,
-        samples=n_samples,
-        seq_len=seq,
-        calibration=str(calibration) if calibration else None,
-        sym=bool(sym),
-        tune_epochs=epochs,
-        tune_note=note,
-    )
+    return epochs, note
 
 
 def require_gptqmodel() -> None:
@@ -253,6 +290,9 @@ def quantize_gptq(
         gptaq={"alpha": GPTAQ_ALPHA},
         offload_to_disk=True,
         offload_to_disk_path=str(offload),
+        # group-aware reordering (gptqmodel's default) reorders rows inside groups and refuses
+        # per-channel, which has one group per row; None keeps the default for real groups
+        act_group_aware=False if plan.group_size == PER_CHANNEL else None,
     )
     dtype = torch.bfloat16 if compute_dtype == torch.float16 else compute_dtype
     # gptqmodel prints a banner and a per-layer bar on stdout; keep stdout clean for --json.
@@ -268,6 +308,8 @@ def quantize_gptq(
     if not any(out.glob("*.safetensors")):
         raise ConversionError("gptqmodel finished but wrote no safetensors weights")
     _drop_offload_path(out)
+    if plan.group_size == PER_CHANNEL and plan.bits == 4:
+        _pin_torch_backend(out)
     if not plan.tune_epochs:
         return None
     if allow_pickle:
@@ -276,9 +318,7 @@ def quantize_gptq(
         return None
     from .tune_scales import tune_scales
 
-    return tune_scales(
-        src, out, [d["input_ids"] for d in data], epochs=plan.tune_epochs, quiet=quiet
-    )
+    return tune_scales(src, out, [d["input_ids"] for d in data], epochs=plan.tune_epochs, quiet=quiet)
 
 
 def _drop_offload_path(out: Path) -> None:
@@ -296,3 +336,17 @@ def _drop_offload_path(out: Path) -> None:
         meta = qc.get("meta") if isinstance(qc, dict) else None
         if isinstance(meta, dict) and meta.pop("offload_to_disk_path", None) is not None:
             path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _pin_torch_backend(out: Path) -> None:
+    """Make transformers load a per-channel 4-bit checkpoint with gptqmodel's plain torch kernel.
+
+    On the CPU gptqmodel picks its fused kernel, which accepts per-channel layers but then runs
+    aten's int4 matmul with the layer's whole input as one group, and that op takes groups of 32,
+    64, 128 or 256 only (a 200-feature layer fails at the first forward). The torch kernel runs any
+    shape on any device; ``backend`` in ``quantization_config`` is read by ``from_pretrained``.
+    """
+    path = out / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["quantization_config"]["backend"] = "torch"
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

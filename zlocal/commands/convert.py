@@ -10,7 +10,7 @@ import sys
 def add_convert_args(p) -> None:
     """The arguments shared by `zlocal convert` and scripts/convert.py."""
     p.add_argument("src", help="source checkpoint: directory, HF repo id in the local cache, or alias")
-    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("out", help="output directory, outside SRC (must not exist unless --overwrite)")
     p.add_argument(
         "--method",
         required=True,
@@ -21,7 +21,8 @@ def add_convert_args(p) -> None:
         "--group-size",
         type=int,
         default=None,
-        help="GPTQ group size: 32, 64 or 128 (default: largest dividing every layer)",
+        help="GPTQ group size: 32, 64 or 128, or -1 per channel "
+        "(default: the largest of 128/64/32 dividing every layer, else -1)",
     )
     p.add_argument(
         "--sym",
@@ -52,7 +53,11 @@ def add_convert_args(p) -> None:
         help="text for the quality report (default: built-in English text)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the quality report (faster)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once done)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier zlocal output or empty (only once done)",
+    )
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle .bin weights (read with weights_only=True)"
     )
