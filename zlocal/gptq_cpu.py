@@ -92,11 +92,13 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
                 prefix = key[: -len(".qweight")]
                 qweight = fh.get_tensor(key)
                 k, n = qweight.shape[0] * 8, qweight.shape[1]
+                # before act_order, which would call per-channel (-1) groups out of order
+                if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
+                    what = "per-channel scales" if group <= 0 else f"groups of {group}"
+                    skipped = f"a {n}x{k} layer with {what} is outside the kernel's layout"
+                    continue
                 if f"{prefix}.g_idx" in keys and act_order(fh.get_tensor(f"{prefix}.g_idx"), group):
                     skipped = "act-order (desc_act) groups"
-                    continue
-                if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
-                    skipped = f"a {n}x{k} layer with groups of {group} is outside the kernel's layout"
                     continue
                 bias = fh.get_tensor(f"{prefix}.bias") if f"{prefix}.bias" in keys else None
                 new = int4_module(
