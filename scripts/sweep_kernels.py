@@ -21,13 +21,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def _sweep(strategy, worker, examples: int, seed: int, check) -> dict:
-    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
 
     counts, failures, paths = Counter(), [], Counter()
 
     @hseed(seed)
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck), phases=["generate"])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=["generate"],
+    )
     @given(case=strategy)
     def run(case):
         try:
@@ -76,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {}
     worker, torch_worker = KernelWorker(), KernelWorker(env={"ZLOCAL_CPU_KERNELS": "0"})
     try:
-        report["linear"] = _sweep(t.linear_cases().map(linear_case), worker, args.linear, args.seed, linear_ok)
+        report["linear"] = _sweep(
+            t.linear_cases().map(linear_case), worker, args.linear, args.seed, linear_ok
+        )
         report["models"] = _sweep(t.model_cases(), worker, args.models, args.seed, model_ok)
         report["torch_models"] = _sweep(t.model_cases(), torch_worker, args.torch_models, args.seed, model_ok)
     finally:

@@ -45,8 +45,12 @@ class KernelWorker:
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         return subprocess.Popen(
             [sys.executable, "-m", "tests.kernel_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=ROOT, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
         )
 
     def run(self, case: dict) -> dict:
@@ -179,13 +183,18 @@ def run_c_arguments(case: dict) -> dict:
     dims = cpu_kernels._Dims(1, 64, 4, 2, 12, 128, 16, 0, 0.25)  # head_dim 12: not a multiple of 16
     layers = (cpu_kernels._Layer * 1)()
     h = torch.zeros(64, dtype=torch.bfloat16)
-    codes["decode head_dim 12"] = k._decode(ctypes.addressof(dims), ctypes.addressof(layers), h.data_ptr(), 0,
-                                            h.data_ptr(), h.data_ptr(), 1)
+    codes["decode head_dim 12"] = k._decode(
+        ctypes.addressof(dims), ctypes.addressof(layers), h.data_ptr(), 0, h.data_ptr(), h.data_ptr(), 1
+    )
     raised = []
     x = torch.zeros(2, 100, dtype=torch.bfloat16)
-    for call in (lambda: k.int8_mm(x, torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16, dtype=torch.bfloat16)),
-                 lambda: k.int4_mm(x, torch.zeros(16, 50, dtype=torch.uint8), torch.zeros(8, dtype=torch.bfloat16), 32),
-                 lambda: k.int8_mm(x.float(), torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16))):
+    for call in (
+        lambda: k.int8_mm(x, torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16, dtype=torch.bfloat16)),
+        lambda: k.int4_mm(
+            x, torch.zeros(16, 50, dtype=torch.uint8), torch.zeros(8, dtype=torch.bfloat16), 32
+        ),
+        lambda: k.int8_mm(x.float(), torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16)),
+    ):
         try:
             call()
         except InvalidArgumentError:
@@ -203,10 +212,19 @@ def _build_checkpoint(case: dict, dest: Path) -> None:
 
     torch.manual_seed(case["seed"])
     common = dict(
-        vocab_size=32000, hidden_size=case["hidden"], intermediate_size=case["inter"],
-        num_hidden_layers=case.get("layers", 2), num_attention_heads=case["heads"],
-        num_key_value_heads=case["kv_heads"], head_dim=case["head_dim"], max_position_embeddings=1024,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        vocab_size=32000,
+        hidden_size=case["hidden"],
+        intermediate_size=case["inter"],
+        num_hidden_layers=case.get("layers", 2),
+        num_attention_heads=case["heads"],
+        num_key_value_heads=case["kv_heads"],
+        head_dim=case["head_dim"],
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     if case["arch"] == "mistral":
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=case.get("window")))
@@ -229,7 +247,9 @@ def _reference(path: Path, rt):
     ours = dict(rt.model.named_modules())
     with torch.no_grad():
         for name, module in ref.named_modules():
-            weight = _dequantized(ours[name]) if isinstance(module, torch.nn.Linear) and name in ours else None
+            weight = (
+                _dequantized(ours[name]) if isinstance(module, torch.nn.Linear) and name in ours else None
+            )
             if weight is not None:
                 module.weight.copy_(weight)
     return ref.eval()
@@ -246,7 +266,9 @@ def run_model(case: dict) -> dict:
         path = Path(tmp) / "model"
         _build_checkpoint(case, path)
         ctx = case["prompt"] + case["steps"] + 8
-        plan = cpu_plan(str(path), case["fmt"], dtype="bfloat16", max_context=ctx, group_size=case.get("group"))
+        plan = cpu_plan(
+            str(path), case["fmt"], dtype="bfloat16", max_context=ctx, group_size=case.get("group")
+        )
         rt = zlocal.load(str(path), plan=plan, dtype="bfloat16", max_context=ctx)
         gen = torch.Generator().manual_seed(case["seed"])
         ids = torch.randint(3, 32000, (case["prompt"] + case["steps"],), generator=gen).tolist()
@@ -273,13 +295,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("ZLOCAL_TEST_THREADS", "2")))
-    runners = {"linear": run_linear, "model": run_model, "torch_kernel": run_torch_kernel,
-               "c_arguments": run_c_arguments}
+    runners = {
+        "linear": run_linear,
+        "model": run_model,
+        "torch_kernel": run_torch_kernel,
+        "c_arguments": run_c_arguments,
+    }
     for line in sys.stdin:
         case = json.loads(line)
         try:
             result = runners[case["kind"]](case)
-        except Exception as exc:  # reported to the parent, which fails the case with it
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the case with it
             result = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(result), flush=True)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import zlocal
-from zlocal import cpu_kernels
+from zlocal import cpu_kernels, cpu_prompt
 from zlocal.cpu_quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -75,7 +75,7 @@ def test_blockwise_int8_prefill_matches_the_kernel(out_f, kernel_layout, monkeyp
     from zlocal import cpu_kernels, cpu_quant
 
     # a scratch of 128 rows: several blocks and a partial last one
-    monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 128 * 256)
+    monkeypatch.setattr(cpu_prompt, "_SCRATCH_ELEMS", 128 * 256)
     torch.manual_seed(0)
     m = quantize_linear(torch.randn(out_f, 256) * 0.05, None, 8, torch.bfloat16)
     assert m.layout == kernel_layout
@@ -105,7 +105,7 @@ def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, mo
 
     calls = []
     real = cpu_quant.int8_matmul_blockwise
-    monkeypatch.setattr(cpu_quant, "_BF16_GEMM", True)  # whatever this CPU is
+    monkeypatch.setattr(cpu_prompt, "_BF16_GEMM", True)  # whatever this CPU is
     monkeypatch.setattr(cpu_quant, "int8_matmul_blockwise", lambda *a: calls.append(1) or real(*a))
     m = quantize_linear(torch.randn(96, 128), None, 8, dtype)
     y = m(torch.randn(1, tokens, 128).to(dtype))
@@ -119,7 +119,7 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, kernel_la
 
     block = cpu_quant.int4_pack_block()
     assert block in (64, 32)  # torch's CPU int4 layout was read back from known codes
-    monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 128 * 256)  # several blocks, a partial last one
+    monkeypatch.setattr(cpu_prompt, "_SCRATCH_ELEMS", 128 * 256)  # several blocks, a partial last one
     torch.manual_seed(0)
     w = torch.randn(out_f, 256) * 0.05
     m = quantize_linear(w, None, 4, torch.bfloat16, group_size=64)
@@ -149,7 +149,7 @@ def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(
 
     calls = []
     real = cpu_quant.int4_matmul_blockwise
-    monkeypatch.setattr(cpu_quant, "_BF16_GEMM", True)
+    monkeypatch.setattr(cpu_prompt, "_BF16_GEMM", True)
     monkeypatch.setattr(cpu_quant, "int4_matmul_blockwise", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(64, 128)
     m = quantize_linear(w, None, 4, dtype, group_size=64)
@@ -168,7 +168,7 @@ def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(
 def test_blockwise_scratch_works_in_and_outside_inference_mode(monkeypatch):
     from zlocal import cpu_quant
 
-    monkeypatch.setattr(cpu_quant, "_scratch", __import__("threading").local())  # a fresh scratch
+    monkeypatch.setattr(cpu_prompt, "_scratch", __import__("threading").local())  # a fresh scratch
     m = quantize_linear(torch.randn(64, 128), None, 8, torch.bfloat16, layout="torch")
     x = torch.randn(40, 128).to(torch.bfloat16)
     with torch.inference_mode():  # the engine creates the scratch here...
@@ -182,7 +182,7 @@ def test_blockwise_scratch_is_per_thread(monkeypatch):
 
     from zlocal import cpu_quant
 
-    monkeypatch.setattr(cpu_quant, "_SCRATCH_ELEMS", 64 * 512)
+    monkeypatch.setattr(cpu_prompt, "_SCRATCH_ELEMS", 64 * 512)
     torch.manual_seed(0)
     mods = [quantize_linear(torch.randn(512, 512), None, 8, torch.bfloat16, layout="torch") for _ in range(2)]
     xs = [torch.randn(64, 512).to(torch.bfloat16) for _ in range(2)]

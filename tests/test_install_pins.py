@@ -21,8 +21,8 @@ def _norm(name: str) -> str:
 
 def _pins() -> dict[str, str]:
     pins = {}
-    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
+    for raw in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: {line!r} is not an exact pin"
@@ -51,7 +51,8 @@ def test_runtime_floors_are_the_tested_versions():
     for text in _project()["dependencies"]:
         req = Requirement(text)
         floors = [s.version for s in req.specifier if s.operator == ">="]
-        assert floors == [pins[_norm(req.name)]], f"{text}: the floor must be the tested {pins[_norm(req.name)]}"
+        pin = pins[_norm(req.name)]
+        assert floors == [pin], f"{text}: the floor must be the tested {pin}"
 
 
 def test_the_suite_runs_on_the_pinned_versions():
@@ -60,7 +61,8 @@ def test_the_suite_runs_on_the_pinned_versions():
     for text in _project()["dependencies"]:
         name = Requirement(text).name
         installed = metadata.version(name)
-        assert installed.split("+")[0] == pins[_norm(name)], f"{name} {installed} is installed, pinned {pins[_norm(name)]}"
+        pin = pins[_norm(name)]
+        assert installed.split("+")[0] == pin, f"{name} {installed} is installed, pinned {pin}"
 
 
 def test_both_readme_commands_install_with_the_constraints():

@@ -43,10 +43,15 @@ def torch_worker():
 def linear_cases(draw):
     bits = draw(st.sampled_from([8, 4]))
     return dict(
-        kind="linear", bits=bits, out=draw(st.sampled_from([4, 12, 16, 24, 48, 64, 100, 128, 256])),
-        group=draw(st.sampled_from([32, 64, 128])), tokens=draw(st.sampled_from(TOKENS)),
-        dtype=draw(st.sampled_from(["bfloat16", "float32"])), layout=draw(st.sampled_from(["auto", "torch"])),
-        seed=draw(st.integers(0, 1000)), **{"in": draw(st.sampled_from(WIDTHS))},
+        kind="linear",
+        bits=bits,
+        out=draw(st.sampled_from([4, 12, 16, 24, 48, 64, 100, 128, 256])),
+        group=draw(st.sampled_from([32, 64, 128])),
+        tokens=draw(st.sampled_from(TOKENS)),
+        dtype=draw(st.sampled_from(["bfloat16", "float32"])),
+        layout=draw(st.sampled_from(["auto", "torch"])),
+        seed=draw(st.integers(0, 1000)),
+        **{"in": draw(st.sampled_from(WIDTHS))},
     )
 
 
@@ -83,8 +88,9 @@ def test_quantized_linear_matches_its_float_weights(worker, case):
 )
 def test_pytorch_kernels_are_right_wherever_zlocal_uses_them(worker, bits, out, k, group, tokens, dtype):
     # the predicates that send layers to PyTorch's kernels still hold on the installed torch
-    case = dict(kind="torch_kernel", bits=bits, out=out, group=group, tokens=tokens, dtype=dtype, seed=0,
-                **{"in": k})
+    case = dict(
+        kind="torch_kernel", bits=bits, out=out, group=group, tokens=tokens, dtype=dtype, seed=0, **{"in": k}
+    )
     if not _torch_runs(case):
         return
     case["group"] = cpu_quant.int4_group_size(k, group)  # what zlocal quantizes with
@@ -94,8 +100,19 @@ def test_pytorch_kernels_are_right_wherever_zlocal_uses_them(worker, bits, out, 
 def test_int8_widths_pytorch_gets_wrong_take_the_dense_layout(worker):
     # K=100 crashed the process and K=8/24/200 returned inf/NaN through _weight_int8pack_mm
     for k in (8, 24, 100, 200):
-        r = worker.run(dict(kind="linear", bits=8, out=12, group=32, tokens=3, dtype="bfloat16",
-                            layout="auto", seed=1, **{"in": k}))
+        r = worker.run(
+            dict(
+                kind="linear",
+                bits=8,
+                out=12,
+                group=32,
+                tokens=3,
+                dtype="bfloat16",
+                layout="auto",
+                seed=1,
+                **{"in": k},
+            )
+        )
         assert r["layout"] == "dense" and r["err"] <= 0.02, (k, r)
 
 
@@ -106,12 +123,18 @@ def model_cases(draw):
     prompt = draw(st.sampled_from(TOKENS[2:]))
     window = draw(st.one_of(st.none(), st.integers(4, prompt + 4)))
     return dict(
-        kind="model", arch=draw(st.sampled_from(["mistral", "llama"])),
+        kind="model",
+        arch=draw(st.sampled_from(["mistral", "llama"])),
         hidden=draw(st.sampled_from([8, 24, 64, 72, 100, 128, 192, 256])),
         inter=draw(st.sampled_from([16, 40, 64, 128, 200, 256])),
-        heads=kv_heads * draw(st.sampled_from([1, 2, 4, 8])), kv_heads=kv_heads, head_dim=head_dim,
-        window=window, fmt=draw(st.sampled_from(["int8", "int4", "dense"])),
-        group=draw(st.sampled_from([32, 64, 128])), prompt=prompt, steps=draw(st.integers(1, 3)),
+        heads=kv_heads * draw(st.sampled_from([1, 2, 4, 8])),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        window=window,
+        fmt=draw(st.sampled_from(["int8", "int4", "dense"])),
+        group=draw(st.sampled_from([32, 64, 128])),
+        prompt=prompt,
+        steps=draw(st.integers(1, 3)),
         seed=draw(st.integers(0, 1000)),
     )
 
@@ -141,8 +164,21 @@ def test_decode_kernel_shapes_follow_the_float_model(worker, fmt):
     # aligned shapes, so the one-call decode kernel runs the steps (past a short sliding window)
     if cpu_kernels.kernels() is None:
         pytest.skip(f"needs zlocal's AVX-512 BF16 kernels: {cpu_kernels.kernel_status()}")
-    case = dict(kind="model", arch="mistral", hidden=128, inter=192, heads=8, kv_heads=2, head_dim=32,
-                window=20, fmt=fmt, group=32, prompt=25, steps=6, seed=3)
+    case = dict(
+        kind="model",
+        arch="mistral",
+        hidden=128,
+        inter=192,
+        heads=8,
+        kv_heads=2,
+        head_dim=32,
+        window=20,
+        fmt=fmt,
+        group=32,
+        prompt=25,
+        steps=6,
+        seed=3,
+    )
     r = worker.run(case)
     assert "decode kernel" in r["path"], r
     assert r["err"] <= MODEL_TOL, r

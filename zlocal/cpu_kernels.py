@@ -162,13 +162,15 @@ def _require(ok: bool, what: str) -> None:
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:
-    _require(x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous(), f"input {x.dtype} {list(x.shape)}")
+    ok = x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous()
+    _require(ok, f"input {x.dtype} {list(x.shape)}")
     _require(x.shape[0] >= 1, "empty input")
     return x.shape[0], x.shape[1]
 
 
 def _require_buffer(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
-    _require(t.dtype == dtype and t.is_contiguous() and t.numel() == numel, f"{what} ({t.dtype}, {list(t.shape)})")
+    ok = t.dtype == dtype and t.is_contiguous() and t.numel() == numel
+    _require(ok, f"{what} ({t.dtype}, {list(t.shape)})")
 
 
 def _raise_for(err: int, what: str, floats: int) -> None:

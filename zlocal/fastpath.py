@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_quant import bf16_gemm_is_fast
+from .cpu_prompt import bf16_gemm_is_fast
 from .errors import ContextOverflowError
 from .kvcache import KVCache
 
