@@ -373,11 +373,26 @@ def test_api_key_guards_every_route_but_health(secured):
 
 
 def test_cors_only_for_listed_origins(secured):
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    # What Chrome sends before a public page may call a local address (Private Network Access).
+    pre = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+        "Access-Control-Request-Private-Network": "true",
+    }
     ok = httpx.options(secured.url("/v1/chat/completions"), headers={"Origin": "http://app.example", **pre})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+    assert ok.headers["access-control-allow-private-network"] == "true"
     bad = httpx.options(secured.url("/v1/chat/completions"), headers={"Origin": "http://evil.example", **pre})
+    assert bad.status_code == 403 and bad.json()["error"]["code"] == "forbidden_origin"
     assert bad.headers.get("access-control-allow-origin") != "http://evil.example"
+    assert "access-control-allow-private-network" not in bad.headers
+    # The key does not make a foreign page's POST acceptable; the listed page's goes through.
+    key = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    for origin, status in (("http://evil.example", 403), ("http://app.example", 200)):
+        r = httpx.post(
+            secured.url("/tokenize"), content=b'{"prompt": "hi"}', headers={**key, "Origin": origin}
+        )
+        assert r.status_code == status, (origin, r.text)
 
 
 # -- graceful shutdown: in-flight and queued streams end with an error chunk then [DONE] ------------------

@@ -1,16 +1,16 @@
 """An OpenAI-compatible local chat server: ``create_app(runtime, ...)`` builds the FastAPI app.
 
 Routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /v1/models/{id}, GET /health,
-POST /tokenize, POST /detokenize, GET /stats. Requests wait in a bounded FIFO (server_queue) in
-front of the single-generation runtime. Every error is an OpenAI error object; none carries a path.
+POST /tokenize, POST /detokenize, GET /stats. Every request with a body is admitted into one budget
+(server_queue) before it is read; generations then wait in its bounded FIFO in front of the
+single-generation runtime. server_guard decides which requests reach the routes at all (Host,
+Origin, API key, Content-Type). Every error is an OpenAI error object; none carries a path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hmac
-import ipaddress
+import functools
 import logging
 import time
 import uuid
@@ -19,52 +19,31 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import ContextOverflowError, InvalidArgumentError, TemplateError, ZlocalError
+from .errors import InvalidArgumentError, TemplateError
+from .server_budget import TOKEN_BUDGET, detokenize_json, run_and_trim, tokenize_json
+from .server_guard import Guard, OriginPolicy, error_response, is_loopback
 from .server_queue import GenerationQueue, QueueFullError, ShuttingDownError, complete_job, stream_job
 from .server_schema import (
     MAX_BODY_BYTES,
     APIError,
     ChatCompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-    decode_json_object,
     escape_control,
     openapi_components,
     parse_chat_request,
     plain_messages,
     redact,
-    validate_model,
 )
 
-log = logging.getLogger("zlocal.server")
-access_log = logging.getLogger("zlocal.access")
+__all__ = ["SafeFormatter", "create_app", "is_loopback"]
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
+log = logging.getLogger("zlocal.server")
+
 # Below this a temperature is greedy in practice, and dividing logits by it would overflow to NaN.
 MIN_TEMPERATURE = 1e-5
-
-
-def is_loopback(host: str) -> bool:
-    """True for loopback addresses and ``localhost`` (what the Host allowlist accepts)."""
-    host = host.strip().lower().strip("[]")
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(header: str) -> str:
-    """The name part of a Host header (drops the port; keeps IPv6 brackets off)."""
-    header = header.strip()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else ""
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class SafeFormatter(logging.Formatter):
@@ -76,71 +55,6 @@ class SafeFormatter(logging.Formatter):
     def formatException(self, ei) -> str:
         # A traceback would print source file paths: keep only the exception type and message.
         return f"{ei[0].__name__}: {redact(str(ei[1]))}" if ei and ei[0] else ""
-
-
-def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _from_zlocal(exc: ZlocalError) -> APIError:
-    code = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else "invalid_value"
-    return APIError(400, str(exc), code=code)
-
-
-class _Guard:
-    """Pure-ASGI middleware: Host allowlist on loopback binds, then the API key (not for /health)."""
-
-    def __init__(self, app, *, check_host: bool, api_key: str | None):
-        self.app = app
-        self.check_host = check_host
-        self.api_key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.check_host:
-            host = headers.get(b"host", b"").decode("latin-1")
-            if not host.strip() or not is_loopback(_host_name(host)):
-                err = APIError(
-                    403,
-                    "forbidden Host header: this server only answers to localhost / 127.0.0.1 "
-                    "(protection against DNS rebinding)",
-                    type="permission_error",
-                    code="forbidden_host",
-                )
-                access_log.info("%s %s 403 (Host %r)", scope.get("method"), scope.get("path"), host[:100])
-                return await _error_response(err)(scope, receive, send)
-        if self.api_key is not None and scope.get("path") != "/health" and scope.get("method") != "OPTIONS":
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                access_log.info("%s %s 401", scope.get("method"), scope.get("path"))
-                err = APIError(
-                    401,
-                    "missing or invalid API key; send 'Authorization: Bearer KEY'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
-                return await _error_response(err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        status = [0]
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        t0 = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_logged)
-        finally:
-            access_log.info(
-                "%s %s %d %.0fms",
-                scope.get("method"),
-                scope.get("path"),
-                status[0],
-                (time.perf_counter() - t0) * 1000,
-            )
 
 
 async def _read_body(request: Request) -> bytes:
@@ -167,12 +81,14 @@ def create_app(
     cors_origins: list[str] | None = None,
     host: str = "127.0.0.1",
     default_max_tokens: int | None = None,
+    token_budget: int = TOKEN_BUDGET,
 ) -> FastAPI:
     """Build the server app around a loaded Runtime.
 
     ``model_name`` is what /v1/models shows (never a full path). ``default_max_tokens`` applies when
     a request gives no max_tokens (None: as many as the context leaves). The Host allowlist is on
-    when ``host`` is a loopback address.
+    when ``host`` is a loopback address. ``token_budget`` caps the tokens of one /tokenize answer
+    or /detokenize request (its text may hold 4 characters per token).
     """
     queue = GenerationQueue(runtime, max_queue=max_queue)
     created = int(time.time())
@@ -200,30 +116,7 @@ def create_app(
             queue.close()
 
     app.state.begin_shutdown = begin_shutdown
-
-    # -- errors: everything becomes an OpenAI error object ------------------------------------------
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        msg = "no such route; see /docs" if exc.status_code == 404 else str(exc.detail)
-        return _error_response(
-            APIError(exc.status_code, msg, type=kind, code=None), getattr(exc, "headers", None)
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        return _error_response(APIError(400, "invalid request parameters", code="invalid_value"))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
-        return _error_response(
-            APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
-        )
+    _add_error_handlers(app)
 
     # -- routes ---------------------------------------------------------------------------------------
     @app.get("/health", summary="liveness (never needs the API key)")
@@ -259,40 +152,47 @@ def create_app(
     async def stats():
         return queue.stats()
 
-    @app.post(
-        "/tokenize",
-        summary="token ids and count of a prompt or chat",
-        openapi_extra=_body_schema("TokenizeRequest"),
-    )
-    async def tokenize(request: Request):
-        req = validate_model(TokenizeRequest, decode_json_object(await _read_body(request)))
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(
-                400, "send exactly one of 'prompt' or 'messages'", param="prompt", code="invalid_value"
-            )
-        try:
-            if req.messages is not None:
-                ids = await asyncio.to_thread(runtime.encode_chat, plain_messages(req.messages))
-            else:
-                ids = await asyncio.to_thread(runtime.encode, req.prompt, req.add_special_tokens)
-        except ZlocalError as exc:
-            raise _from_zlocal(exc) from exc
-        return {"tokens": ids, "count": len(ids), "max_context": runtime.max_context}
+    _add_token_routes(app, queue, runtime, token_budget)
+    _add_chat_route(app, queue, runtime, default_max_tokens)
 
-    @app.post("/detokenize", summary="text of token ids", openapi_extra=_body_schema("DetokenizeRequest"))
-    async def detokenize(request: Request):
-        req = validate_model(DetokenizeRequest, decode_json_object(await _read_body(request)))
-        vocab = len(runtime.tokenizer)
-        bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(
-                400,
-                f"tokens[{bad}] is not a token id (0 <= id < {vocab})",
-                param=f"tokens[{bad}]",
-                code="invalid_value",
-            )
-        text = await asyncio.to_thread(runtime.tokenizer.decode, req.tokens)
-        return {"text": text}
+    _install_openapi(app)
+
+    # The guard also answers CORS (only for the --cors-origin list and the server's own origin).
+    origins = OriginPolicy(cors_origins, host)
+    app.add_middleware(Guard, check_host=is_loopback(host), api_key=api_key, origins=origins)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Everything becomes an OpenAI error object, never FastAPI's default shapes or a traceback."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = "no such route; see /docs" if exc.status_code == 404 else str(exc.detail)
+        return error_response(
+            APIError(exc.status_code, msg, type=kind, code=None), getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(APIError(400, "invalid request parameters", code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
+        return error_response(
+            APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
+        )
+
+
+def _add_chat_route(app: FastAPI, queue: GenerationQueue, runtime, default_max_tokens: int | None) -> None:
+    """POST /v1/chat/completions: admitted, parsed and tokenized on the prep thread, then queued."""
+    model_name = app.state.model_name
 
     @app.post(
         "/v1/chat/completions",
@@ -300,17 +200,15 @@ def create_app(
         openapi_extra=_body_schema("ChatCompletionRequest"),
     )
     async def chat_completions(request: Request):
-        req = parse_chat_request(await _read_body(request))
-        ids, sampling = await asyncio.to_thread(_prepare, runtime, req, default_max_tokens)
-        if state["shutting_down"]:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        prepare = functools.partial(_prepare_chat, runtime, default_max_tokens)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        try:
-            job = queue.submit(ids, sampling, tag=cid)
-        except QueueFullError as exc:
-            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from exc
-        except ShuttingDownError as exc:
-            raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
+        with _queue_errors():
+            ticket = queue.admit()
+            try:
+                req, ids, sampling = await queue.prepare(run_and_trim, prepare, await _read_body(request))
+                job = queue.submit(ids, sampling, tag=cid, ticket=ticket)
+            finally:
+                queue.release(ticket)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
@@ -319,6 +217,48 @@ def create_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await complete_job(queue, job, cid, model_name, request)
+
+
+@contextlib.contextmanager
+def _queue_errors():
+    """The shared budget's refusals as HTTP errors: 429 when full, 503 when shutting down."""
+    try:
+        yield
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from exc
+    except ShuttingDownError as exc:
+        raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
+
+
+def _add_token_routes(app: FastAPI, queue: GenerationQueue, runtime, token_budget: int) -> None:
+    """POST /tokenize and /detokenize: admitted like generations, body read only once admitted,
+    the work done on the prep thread, the answer already encoded (no copy of the id list)."""
+
+    async def budgeted(request: Request, work) -> Response:
+        work = functools.partial(work, runtime, token_budget=token_budget)
+        with _queue_errors():
+            ticket = queue.admit()
+            try:
+                body = await queue.prepare(run_and_trim, work, await _read_body(request))
+            finally:
+                queue.release(ticket)
+        return Response(body, media_type="application/json")
+
+    @app.post(
+        "/tokenize",
+        summary="token ids and count of a prompt or chat",
+        openapi_extra=_body_schema("TokenizeRequest"),
+    )
+    async def tokenize(request: Request):
+        return await budgeted(request, tokenize_json)
+
+    @app.post("/detokenize", summary="text of token ids", openapi_extra=_body_schema("DetokenizeRequest"))
+    async def detokenize(request: Request):
+        return await budgeted(request, detokenize_json)
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Publish the hand-parsed request bodies' models in /openapi.json."""
 
     def custom_openapi():
         if app.openapi_schema is None:
@@ -331,24 +271,16 @@ def create_app(
 
     app.openapi = custom_openapi
 
-    # Middleware added last runs first: Host/auth guard outermost, then CORS (only when asked for).
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            allow_credentials=False,
-        )
-    app.add_middleware(_Guard, check_host=is_loopback(host), api_key=api_key)
-    return app
-
 
 def _body_schema(name: str) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{name}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _prepare_chat(runtime, default_max_tokens: int | None, raw: bytes):
+    """Parse a chat body and tokenize it (on the prep thread): (request, prompt ids, sampling)."""
+    req = parse_chat_request(raw)
+    return (req, *_prepare(runtime, req, default_max_tokens))
 
 
 def _prepare(runtime, req: ChatCompletionRequest, default_max_tokens: int | None):

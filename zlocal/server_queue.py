@@ -2,14 +2,19 @@
 
 The runtime generates one answer at a time. Requests wait here in arrival order; when
 ``max_queue`` requests are already waiting, ``submit`` raises QueueFullError (the server answers
-429). Each job has its own cancel event: a client that goes away sets it, and the engine stops
-before the next token. Outputs travel to the request's event loop with ``call_soon_threadsafe``.
+429). The same budget admits every request with a body *before* it is read (``admit``): /tokenize,
+/detokenize and chat requests still being parsed count as waiting, and their parsing and
+tokenizing runs on one "prep" thread in arrival order, so concurrent big bodies cannot pile up
+intermediate data in memory outside the queue. Each job has its own cancel event: a client that
+goes away sets it, and the engine stops before the next token. Outputs travel to the request's
+event loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -42,6 +47,15 @@ class CountingEvent(threading.Event):
     def is_set(self) -> bool:
         self.checks += 1
         return super().is_set()
+
+
+class Ticket:
+    """An admitted request's place in the shared budget (GenerationQueue.admit); released once."""
+
+    __slots__ = ("held",)
+
+    def __init__(self):
+        self.held = True
 
 
 class QueueFullError(Exception):
@@ -100,6 +114,9 @@ class GenerationQueue:
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._closed = False
+        self._admitted = 0  # admitted requests not yet waiting as jobs (reading, parsing, tokenizing)
+        # One thread for parsing/tokenizing: big requests take turns instead of multiplying memory.
+        self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zlocal-prep")
         self.running: Job | None = None
         self.completed = 0
         self.cancelled = 0
@@ -109,17 +126,56 @@ class GenerationQueue:
         self._thread.start()
 
     # -- producer side (event loop) ----------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], sampling: dict[str, Any], tag: str = "") -> Job:
-        """Queue a job; raise QueueFullError or ShuttingDownError instead of waiting."""
+    def _check_room(self) -> None:
+        """Raise unless one more request fits (caller holds the lock). One request may always
+        run when nothing else is queued, even with --max-queue 0."""
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down")
+        waiting = len(self._waiting) + self._admitted
+        if waiting >= self.max_queue and (self.running is not None or waiting):
+            raise QueueFullError(
+                f"{waiting} requests are already waiting (--max-queue {self.max_queue}); retry later"
+            )
+
+    def admit(self) -> Ticket:
+        """Take a place for a request before its body is read; QueueFullError / ShuttingDownError
+        when there is none. ``release`` it when done, or hand it to ``submit``."""
+        with self._cond:
+            self._check_room()
+            self._admitted += 1
+        return Ticket()
+
+    def release(self, ticket: Ticket) -> None:
+        """Give an admitted request's place back (idempotent)."""
+        with self._cond:
+            if ticket.held:
+                ticket.held = False
+                self._admitted -= 1
+
+    async def prepare(self, fn, *args):
+        """Run ``fn(*args)`` on the prep thread, after the prep work of earlier requests."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, self._prep_call, fn, args)
+
+    def _prep_call(self, fn, args):
+        if self._closed:  # queued before a shutdown: do not start big work now
+            raise ShuttingDownError("the server is shutting down")
+        return fn(*args)
+
+    def submit(
+        self, prompt_ids: list[int], sampling: dict[str, Any], tag: str = "", ticket: Ticket | None = None
+    ) -> Job:
+        """Queue a job; raise QueueFullError or ShuttingDownError instead of waiting. An admitted
+        request's ``ticket`` becomes the job's place (it was counted already)."""
         job = Job(list(prompt_ids), dict(sampling), asyncio.get_running_loop(), tag=tag)
         with self._cond:
-            if self._closed:
-                raise ShuttingDownError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and (self.running is not None or self._waiting):
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue}); "
-                    "retry later"
-                )
+            if ticket is not None and ticket.held:
+                ticket.held = False
+                self._admitted -= 1
+                if self._closed:
+                    raise ShuttingDownError("the server is shutting down")
+            else:
+                self._check_room()
             job.id = next(self._ids)
             self._waiting.append(job)
             self._cond.notify()
@@ -130,6 +186,7 @@ class GenerationQueue:
         with self._cond:
             return {
                 "waiting": len(self._waiting),
+                "admitted": self._admitted,  # requests with a body still being read or prepared
                 "running": self.running is not None,
                 "max_queue": self.max_queue,
                 "completed": self.completed,

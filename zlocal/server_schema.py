@@ -47,6 +47,8 @@ REJECTED_UNLESS_NEUTRAL: dict[str, str] = {
 }
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Tokens one /tokenize answer or /detokenize request may hold (1 Mi: more than any local context).
+TOKEN_BUDGET = 1 << 20
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -174,7 +176,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    tokens: list[int] = Field(max_length=TOKEN_BUDGET)
 
 
 REQUEST_MODELS = (ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)

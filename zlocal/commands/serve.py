@@ -33,7 +33,8 @@ def register(sub) -> None:
         "--max-queue",
         type=int,
         default=16,
-        help="requests allowed to wait for the model; more get HTTP 429 (default 16)",
+        help="requests allowed to wait (for the model, or to be read and tokenized); more get HTTP 429 "
+        "(default 16)",
     )
     p.add_argument(
         "--cors-origin",
@@ -41,7 +42,8 @@ def register(sub) -> None:
         nargs="+",
         default=[],
         metavar="ORIGIN",
-        help="allow browser pages from these exact origins (CORS is off by default)",
+        help="allow browser pages from these exact origins, e.g. http://localhost:3000 (CORS, Chrome "
+        "private-network preflights included; off by default: other origins get 403 on POST)",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -105,6 +107,14 @@ def run(args) -> int:
         raise InvalidArgumentError(f"--default-max-tokens must be > 0, got {args.default_max_tokens}")
     if any(o.strip() in ("*", "null", "") for o in args.cors_origin):
         raise InvalidArgumentError("--cors-origin takes exact origins such as http://localhost:3000, not '*'")
+    from ..server_guard import split_origin
+
+    bad = next((o for o in args.cors_origin if split_origin(o) is None), None)
+    if bad is not None:
+        raise InvalidArgumentError(
+            f"--cors-origin {bad[:100]!r} is not an origin; write scheme://host[:port], "
+            "e.g. http://localhost:3000"
+        )
     if args.api_key is not None and not args.api_key.strip():
         raise InvalidArgumentError("--api-key is empty")
     _setup_logging(args.log_level)
