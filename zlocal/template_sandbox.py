@@ -98,7 +98,7 @@ def _filter_checks() -> dict:
 _UNWEIGHED = {
     "length", "count", "first", "last", "default", "d", "attr", "items", "list", "reverse", "map",
     "select", "reject", "selectattr", "rejectattr", "batch", "slice", "random", "abs", "round",
-    "int", "float", "filesizeformat", "zlocal_iter", "zlocal_weigh", "zlocal_concat",
+    "int", "float", "filesizeformat",
 }  # fmt: skip
 _COMPARING_TESTS = {
     "eq", "equalto", "==", "!=", "ne", "in", "lt", "le", "gt", "ge", "<", "<=", ">", ">=", "lessthan",
@@ -251,17 +251,18 @@ def _environment() -> _BoundedEnvironment:
     del env.globals["lipsum"]  # lipsum(10**6) builds megabytes in one call; no chat template uses it
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     env.globals.update(dict=_TemplateDict(), namespace=_TemplateNamespace)
-    env.filters.update(
-        tojson=_tojson,
-        zlocal_iter=_iter_filter,
-        zlocal_concat=_concat_filter,
-        zlocal_weigh=lambda value: weigh(value, "a compared value"),
-    )
+    env.filters["tojson"] = _tojson
     checks = _filter_checks()
     for name, func in list(env.filters.items()):
         env.filters[name] = _guard(func, checks.get(name), name not in _UNWEIGHED)
     for name, func in list(env.tests.items()):
         env.tests[name] = _guard(func, None, name in _COMPARING_TESTS)
+    # The helpers _RouteThroughHelpers inserts do their own checks (and are on every loop and ~).
+    env.filters.update(
+        zlocal_iter=_iter_filter,
+        zlocal_concat=_concat_filter,
+        zlocal_weigh=lambda value: weigh(value, "a compared value"),
+    )
     return env
 
 
