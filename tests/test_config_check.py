@@ -202,3 +202,12 @@ def test_every_command_reports_one_line(case, command, ckpt, tmp_path, capsys):
     field = next(iter(CLI_CASES[case]))
     assert len(err) == 1 and err[0].startswith("zlocal: error: ckpt/config.json: ") and field in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_embedded_alias_is_checked_too(ckpt, monkeypatch):
+    from zlocal import embedded
+
+    d = ckpt(num_attention_heads=0)
+    monkeypatch.setattr(embedded, "ensure_embedded_model", lambda: d)
+    with pytest.raises(CheckpointError, match="num_attention_heads"):
+        resolve_model("smollm2-135m")

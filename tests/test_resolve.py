@@ -172,3 +172,29 @@ def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path, tiny_zephyr):
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02truncated")
     with pytest.raises(CheckpointError, match="refuses it"):
         resolve_model(str(d), allow_pickle=True)
+
+
+def test_pickle_check_reads_the_shards_a_load_reads(tmp_path, tiny_zephyr):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(tiny_zephyr / "model.safetensors")
+    d = _pickled_checkpoint(tmp_path, tiny_zephyr, sd)
+    # fine-tuning leftovers are pickles of other things; no loader reads them
+    torch.save({"lr": 1e-4, "steps": [1, 2]}, d / "training_args.bin")
+    assert resolve_model(str(d), allow_pickle=True).weights_format == "pickle"
+    # with an index, the listed shards are checked, and only they
+    (d / "pytorch_model.bin").unlink()
+    names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    keys = sorted(sd)
+    torch.save({k: sd[k] for k in keys[:5]}, d / names[0])
+    torch.save({k: sd[k] for k in keys[5:]}, d / names[1])
+    index = {"weight_map": {k: names[0] if i < 5 else names[1] for i, k in enumerate(keys)}}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert resolve_model(str(d), allow_pickle=True).weights_format == "pickle"
+    torch.save({"w": _RunsCode(tmp_path / "pwned")}, d / names[1])
+    with pytest.raises(CheckpointError, match=r"00002-of-00002\.bin: torch\.load"):
+        resolve_model(str(d), allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
