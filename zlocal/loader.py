@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -65,8 +66,9 @@ def load_config(resolved: ResolvedModel):
 
     try:
         config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{resolved.name}: cannot read config.json: {exc}") from exc
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{resolved.name}: cannot read config.json: {first}") from exc
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -113,7 +115,7 @@ def load_model(
 
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
     model.eval()
     return LoadedModel(model=model, device=device, dtype=torch_dtype, device_map=kwargs["device_map"])
