@@ -143,8 +143,11 @@ def test_pickle_refused_without_opt_in(tiny_zephyr, tmp_path):
     torch.save(sd, src / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="--allow-pickle"):
         convert(src, tmp_path / "o", "int8", evaluate=False, quiet=True)
-    r = convert(src, tmp_path / "o", "int8", evaluate=False, quiet=True, allow_pickle=True)
+    # default flags: the quality report reads the pickle reference too (whole, as it cannot stream)
+    r = convert(src, tmp_path / "o", "int8", quiet=True, allow_pickle=True)
     assert verify(r.out).ok and not (src / ".stage").exists()
+    q = json.loads((Path(r.out) / "zlocal.json").read_text())["quality"]
+    assert q["path"] == "whole models, one after the other" and q["kl_mean"] < 0.05
 
 
 def test_truncated_shard_named(tiny_zephyr, tmp_path):

@@ -275,7 +275,7 @@ def convert(
         if evaluate:
             from .quality import evaluate as run_eval
 
-            report = run_eval(tmp, src_path, text=eval_text, quiet=quiet)
+            report = run_eval(tmp, src_path, text=eval_text, quiet=quiet, allow_pickle=allow_pickle)
             quality = report.to_dict()
             if not quiet:
                 print(report.table(), file=sys.stderr)
