@@ -58,11 +58,15 @@ def test_multiturn_counts_reused_and_prefilled_tokens(tiny_runtime):
     # After turn 4 the cache holds its prompt plus the assistant's reply, as a session's would.
     turn4 = rt.template.encode(msgs[:8], add_generation_prompt=False)
     shared = common_prefix(turn4, prompts[4])
-    assert shared > len(prompts[3])  # the reply itself is reused, not prefilled again
+    assert shared > len(prompts[3])  # the cache holds the reply too
+    # Reused: the shared prefix that full prefill chunks aligned to the chunk size wrote.
+    c = rt.engine.prefill_chunk
+    expect = min(shared, len(turn4) // c * c, len(prompts[4]) - 1) // c * c
+    assert 0 < expect and shared - expect < c
     m = measure_multiturn(rt, turns=5, target_tokens=300, repeats=1)
     assert m.conversation_tokens == len(prompts[4])
-    assert m.reused_tokens == shared
-    assert m.prefilled_tokens_reuse == len(prompts[4]) - shared
+    assert m.reused_tokens == expect
+    assert m.prefilled_tokens_reuse == len(prompts[4]) - expect
     assert m.prefilled_tokens_full == len(prompts[4])
     assert rt.engine.stats.last_reused == 0  # the last measured call started from an empty cache
 

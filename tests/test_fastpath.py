@@ -6,10 +6,13 @@ import pytest
 import torch
 
 import zlocal
+from tests.test_engine import hf_greedy, reference_model
 from zlocal import cpu_kernels, fastpath
 from zlocal.cpu_quant import quantized_bytes
+from zlocal.engine import DEFAULT_PREFILL_CHUNK, Engine
 from zlocal.fastpath import unsupported_reason
 from zlocal.memory import ModelShape, estimate
+from zlocal.sampling import SamplingParams
 
 
 def _greedy(rt, ids, n, fast):
@@ -24,11 +27,22 @@ def _greedy(rt, ids, n, fast):
         e.fast = saved_fast
 
 
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_zephyr):
+    return reference_model(tiny_zephyr)
+
+
+def _engine_greedy(engine, ids, n):
+    params = SamplingParams(temperature=0, max_new_tokens=n)
+    with engine.without_stop_tokens():
+        return [r.token for r in engine.generate(ids, params) if r.token is not None]
+
+
 def test_fast_path_is_active_for_llama_and_mistral(tiny_runtime, smollm2_runtime):
     assert tiny_runtime.engine.fast is not None and smollm2_runtime.engine.fast is not None
 
 
-def test_fast_equals_hf_forward_tiny_beyond_window(tiny_runtime):
+def test_fast_equals_hf_forward_tiny_beyond_window(tiny_runtime, hf_tiny):
     rt = tiny_runtime
     ids = rt.encode(
         "The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
@@ -36,30 +50,37 @@ def test_fast_equals_hf_forward_tiny_beyond_window(tiny_runtime):
         "into a logbook that nobody but the supply boat captain would ever read."
     )
     assert len(ids) > rt.model.config.sliding_window
-    assert _greedy(rt, ids, 40, fast=True) == _greedy(rt, ids, 40, fast=False)
+    expected = hf_greedy(hf_tiny, ids, 40)
+    assert _greedy(rt, ids, 40, fast=True) == expected
     rt.engine.prefill_chunk = 7  # chunked prefill crossing the window inside chunks
     try:
-        assert _greedy(rt, ids, 20, fast=True) == _greedy(rt, ids, 20, fast=False)
+        assert _greedy(rt, ids, 20, fast=True) == expected[:20]
     finally:
-        rt.engine.prefill_chunk = 512
+        rt.engine.prefill_chunk = DEFAULT_PREFILL_CHUNK
 
 
-def test_fast_equals_hf_forward_smollm2(smollm2_runtime):
+def test_fast_equals_hf_forward_smollm2(smollm2_runtime, smollm2):
+    # the reference is loaded apart: zlocal's fusion re-points the weights of the models it runs
     rt = smollm2_runtime
     ids = rt.encode_chat([{"role": "user", "content": "List three uses of copper."}])
-    assert _greedy(rt, ids, 40, fast=True) == _greedy(rt, ids, 40, fast=False)
+    assert _greedy(rt, ids, 40, fast=True) == hf_greedy(reference_model(smollm2), ids, 40)
 
 
-def test_fast_logits_close_to_hf_in_bf16(smollm2):
-    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=256)  # dense bf16
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2):
+    """Dense bf16 SmolLM2 on zlocal's lean forward, and the same checkpoint loaded by transformers."""
+    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=256)
+    return rt, reference_model(smollm2, torch.bfloat16)
+
+
+def test_fast_logits_close_to_hf_in_bf16(smollm2_bf16):
+    rt, ref = smollm2_bf16
     ids = rt.encode("Copper is a metal that")
     e = rt.engine
     e.reset()
     fast_logits = e.prefill(ids).float()
-    fast, e.fast = e.fast, None
-    e.reset()
-    hf_logits = e.prefill(ids).float()
-    e.fast = fast
+    with torch.inference_mode():
+        hf_logits = ref(torch.tensor([ids])).logits[0, -1].float()
     assert torch.argmax(fast_logits) == torch.argmax(hf_logits)
     assert torch.nn.functional.cosine_similarity(fast_logits, hf_logits, dim=0) > 0.999
 
@@ -123,10 +144,10 @@ def test_packed_weights_replace_the_dense_ones(smollm2, monkeypatch):
     assert est == pytest.approx(measured, rel=0.10)
 
 
-def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2):
-    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=256)  # dense bf16
+def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2_bf16):
+    rt, ref = smollm2_bf16
     ids = rt.encode_chat([{"role": "user", "content": "List three uses of copper."}])
-    assert _greedy(rt, ids, 24, fast=True) == _greedy(rt, ids, 24, fast=False)
+    assert _greedy(rt, ids, 24, fast=True) == hf_greedy(ref, ids, 24)
 
 
 @pytest.mark.parametrize("outs", [(64, 32, 32), (48, 16), (64, 64), (128, 64, 192)])
@@ -158,9 +179,9 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
     e = rt.engine
     saved = e.fast
     e.fast = saved if fast else None
+    a = rt.encode("Hello world, how are you?")
+    e.prefill_chunk = len(a)  # ``a`` is one aligned chunk: reusable (test_determinism)
     try:
-        e.reset()
-        a = rt.encode("Hello world, how are you?")
         rt.generate(a, temperature=0, max_new_tokens=3)
         warm = rt.generate([*a, 28705, 13], temperature=0, max_new_tokens=5).token_ids
         assert e.stats.last_reused == len(a)
@@ -168,6 +189,7 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
         assert rt.generate([*a, 28705, 13], temperature=0, max_new_tokens=5).token_ids == warm
     finally:
         e.fast = saved
+        e.prefill_chunk = DEFAULT_PREFILL_CHUNK
 
 
 @pytest.mark.parametrize(
@@ -176,6 +198,8 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
 def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     from zlocal.bench import cpu_plan
     from zlocal.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from zlocal.loader import load_for_runtime
+    from zlocal.runtime import load_chat_template
 
     plan = cpu_plan(str(tiny_zephyr), fmt, dtype=dtype, max_context=256)
     rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype=dtype, max_context=256)
@@ -193,15 +217,16 @@ def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     # both plans run the output layer on the int8 kernel, on both paths
     assert plan.head_format == "int8" and type(rt.model.lm_head) is Int8WeightOnlyLinear
     assert rt.engine.fast.lm_head is rt.model.lm_head
+    # The reference: the same plan loaded again, on the HF forward, never given to the lean forward
+    # (whose fusion re-points the weights of the modules it fuses).
+    resolved, config, tokenizer, _ = load_chat_template(str(tiny_zephyr))
+    ref_plan = cpu_plan(str(tiny_zephyr), fmt, dtype=dtype, max_context=256)
+    ref_model = load_for_runtime(resolved, config, plan=ref_plan, dtype=dtype, max_context=256).model
+    ref = Engine(ref_model, tokenizer, 256, fast=False)
     ids = rt.encode("The lighthouse keeper climbed the spiral stairs every evening and")
     e = rt.engine
     e.reset()
-    fast_logits = e.prefill(ids)
-    fast, e.fast = e.fast, None
-    e.reset()
-    hf_logits = e.prefill(ids)
-    e.fast = fast
-    assert torch.equal(fast_logits, hf_logits)
+    assert torch.equal(e.prefill(ids), ref.prefill(ids))
     # one-token steps on the decode kernel are compared with this path in test_decode_stack
     e.fast.stack_reason = "off: this test is about the fused projections"
-    assert _greedy(rt, ids, 30, fast=True) == _greedy(rt, ids, 30, fast=False)
+    assert _greedy(rt, ids, 30, fast=True) == _engine_greedy(ref, ids, 30)

@@ -1,9 +1,20 @@
 """The lean decode loop: our own prefill/decode over the HF model's forward (not ``generate``).
 
 One ``Engine`` owns one model, one preallocated KV cache and the token ids the cache holds. Every
-call reuses the longest prefix shared with what is cached, so a multi-turn chat only prefills the
-new turn. Generation is a generator yielding ``GenerationResponse`` objects, one per emitted piece
-of text, and a last one carrying ``finish_reason``.
+call reuses the prefix shared with what is cached, so a multi-turn chat prefills little more than
+the new turn. Generation is a generator yielding ``GenerationResponse`` objects, one per emitted
+piece of text, and a last one carrying ``finish_reason``.
+
+Reuse is exact: ``prefill`` returns bit-identical logits whatever the cache held before, so a
+request gives the same tokens for the same seed (or greedy), given the same model, ``prefill_chunk``
+and thread count (the kernels are deterministic for a given shape). Floating-point results depend on
+how a position was computed: a one-token decode step and a prefill chunk take different kernels, and
+chunks of different lengths take different matmul paths (int8/int4 prompts switch to a block-wise
+GEMM from 24-32 tokens) and round differently. So prefill runs in chunks aligned to absolute
+positions, ``[k*C, (k+1)*C)`` for ``C = prefill_chunk``, and a request reuses only cached positions
+that full aligned prefill chunks wrote (``exact_len``), rounded down to a chunk boundary: every
+position it keeps was computed from the same tokens by the same code as a cold run would compute it.
+Positions written by decode steps or by a prompt's last, partial chunk are prefilled again.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +50,15 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last response
 
 
+# Aligned prefill chunk: the most a request re-prefills beyond what it shares with the cache (see
+# the module docstring). Past the int8/int4 block-wise GEMM crossovers (24-32 tokens) so full chunks
+# take the fast prompt path.
+DEFAULT_PREFILL_CHUNK = 128
+# Calls whose (reused, prefilled) counts ``EngineStats.history`` keeps: a server makes one per
+# request for its whole life, so an unbounded list would grow without end.
+HISTORY_LEN = 64
+
+
 @dataclass
 class EngineStats:
     """Counters over the engine's life; tests use them to prove prefix reuse."""
@@ -48,7 +69,8 @@ class EngineStats:
     generated_tokens: int = 0
     last_prefilled: int = 0
     last_reused: int = 0
-    history: list[tuple[int, int]] = field(default_factory=list)  # (reused, prefilled) per call
+    # (reused, prefilled) of the last HISTORY_LEN calls, oldest first
+    history: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -69,17 +91,20 @@ class Engine:
         tokenizer,
         max_context: int,
         stop_token_ids: Sequence[int] = (),
-        prefill_chunk: int = 512,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         fast: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
-        self.prefill_chunk = max(1, int(prefill_chunk))
         num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.cache = KVCache(num_layers, self.max_context)
         self.cached_ids: list[int] = []
+        # Cache positions [0, exact_len) were written by full prefill chunks aligned to prefill_chunk:
+        # the only ones a later request may reuse (see the module docstring).
+        self.exact_len = 0
+        self._chunk = max(1, int(prefill_chunk))
         self.stats = EngineStats()
         self.input_device = model.get_input_embeddings().weight.device
         # The lean forward when the model allows it; the HF forward otherwise (and as the reference).
@@ -98,10 +123,23 @@ class Engine:
         finally:
             self.stop_token_ids = saved
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill forward; chunks start at multiples of it."""
+        return self._chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int) -> None:
+        # The cached positions were computed in chunks of the old size: a cold run would now
+        # compute them differently, so none stays reusable.
+        self._chunk = max(1, int(n))
+        self.reset()
+
     def reset(self) -> None:
         """Forget the cached prefix (the buffers stay allocated)."""
         self.cache.truncate(0)
         self.cached_ids = []
+        self.exact_len = 0
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise ContextOverflowError when prompt + new tokens exceed the context."""
@@ -126,15 +164,28 @@ class Engine:
         self.cached_ids.extend(int(i) for i in ids)
         return logits
 
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading cache positions ``prefill(prompt_ids)`` keeps: the prefix shared with
+        the cache, within what full aligned prefill chunks wrote, rounded down to a chunk boundary
+        (the last prompt token always runs, to produce the logits)."""
+        shared = min(common_prefix(self.cached_ids, prompt_ids), self.exact_len, len(prompt_ids) - 1)
+        return shared - shared % self._chunk
+
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
-        """Bring the cache to ``prompt_ids`` reusing the shared prefix; return next-token logits."""
-        reuse = common_prefix(self.cached_ids, prompt_ids)
-        reuse = min(reuse, len(prompt_ids) - 1)  # the last prompt token must run to produce logits
+        """Bring the cache to ``prompt_ids`` reusing what it exactly shares; return next-token logits.
+
+        The logits are bit-identical to a cold prefill of ``prompt_ids`` (empty cache).
+        """
+        reuse = self.reusable(prompt_ids)
         self.cache.truncate(reuse)
         del self.cached_ids[reuse:]
+        self.exact_len = reuse
         logits = None
-        for start in range(reuse, len(prompt_ids), self.prefill_chunk):
-            logits = self._forward(prompt_ids[start : start + self.prefill_chunk])
+        c = self._chunk
+        for start in range(reuse, len(prompt_ids), c):  # reuse is a multiple of c
+            logits = self._forward(prompt_ids[start : start + c])
+            if start + c <= len(prompt_ids):
+                self.exact_len = start + c  # a full aligned chunk: reusable later
         prefilled = len(prompt_ids) - reuse
         s = self.stats
         s.calls += 1
