@@ -1,8 +1,9 @@
 """Benchmark the streaming bitsandbytes converter on a random 7B-shaped (Mistral/Zephyr) checkpoint.
 
 Builds a random bf16 checkpoint with Mistral-7B's shapes once (14.5 GB, 8 shards like
-zephyr-7b-beta) under the zlocal cache, converts it with each bitsandbytes method in a fresh child
-process, and writes JSON with wall time, the child's peak RSS and the output size.
+zephyr-7b-beta, Mistral's tokenizer) under the zlocal cache, converts it with each bitsandbytes
+method in a fresh child process with the default flags (quality report included; ``--no-eval``
+skips it), and writes JSON with wall time, the child's peak RSS, the output size and the report.
 
     python scripts/bench_convert.py --out bench_convert.json [--methods nf4,int8,fp4] [--layers 32]
 """
@@ -48,17 +49,32 @@ _CHILD = """
 import json, resource, sys, time
 from zlocal.convert import convert
 t = time.time()
-r = convert(sys.argv[1], sys.argv[2], sys.argv[3], evaluate=False, quiet=True)
+r = convert(sys.argv[1], sys.argv[2], sys.argv[3], evaluate=sys.argv[4] == "eval", quiet=True)
 print(json.dumps({"seconds": round(time.time() - t, 2), "output_bytes": r.output_bytes, "files": len(r.files),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "quality": r.quality}))
 """
+
+
+def _tokenizer_dir() -> Path:
+    """Mistral's tokenizer, built like the test fixtures' from mistral-common's file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import fixtures
+
+    try:
+        return fixtures.tokenizer_dir()
+    except RuntimeError as exc:
+        raise SystemExit(f"bench_convert: {exc}") from None
 
 
 def build_checkpoint(dest: Path, layers: int, shards: int = 8) -> Path:
     """Write the random checkpoint once (atomic: a .complete marker is written last)."""
     from safetensors.torch import save_file
+    from transformers import AutoTokenizer
 
     if (dest / ".complete").exists():
+        if not (dest / "tokenizer_config.json").exists():  # built before the report needed one
+            AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(dest)
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -107,6 +123,7 @@ def build_checkpoint(dest: Path, layers: int, shards: int = 8) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(dest)
     (dest / ".complete").write_text("ok")
     return dest
 
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="nf4,int8,fp4")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Mistral-7B)")
     ap.add_argument("--work", default=None, help="where outputs go (default: zlocal cache/bench)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the quality report (not the default)")
     args = ap.parse_args(argv)
 
     base = cache_dir() / "bench"
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"out-{method}"
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(src), str(out), method],
+            [sys.executable, "-c", _CHILD, str(src), str(out), method, "no-eval" if args.no_eval else "eval"],
             capture_output=True,
             text=True,
             check=False,
