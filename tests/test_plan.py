@@ -327,3 +327,30 @@ def test_decode_kernel_cuts_the_per_layer_overhead():
     assert predict("int4", True) > 1.3 * predict("int4", False)
     # fp32 layers run on PyTorch's kernels through the lean forward either way
     assert predict("int8", True, "fp32") == predict("int8", False, "fp32")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"quant_method": "gptq", "bits": 8, "group_size": 128},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    ],
+)
+def test_step_down_keeps_the_source_quantization(source):
+    hw = HW["rtx-3060-12gb"]
+    hw = dataclasses.replace(hw, kernels={**hw.kernels, "gptqmodel_marlin": True, "gptqmodel_torch": True})
+    p = make_plan(hw, ZEPHYR, ctx=4096, source_quant=source)
+    fmt, bits = p.weights_format, p.bits
+    assert p.gpu_layers == ZEPHYR.num_layers and fmt in ("gptq", "nf4")
+    seen = [p]
+    while (nxt := step_down(seen[-1], ZEPHYR, hw)) is not None:
+        seen.append(nxt)
+        assert len(seen) < 10
+    # the checkpoint's own weights, never re-quantized: whole on the GPU, then whole on the CPU
+    assert [s.gpu_layers for s in seen][:2] == [ZEPHYR.num_layers, 0]
+    for s in seen:
+        assert (s.gpu_format or s.cpu_format, s.weights_format, s.bits) == (fmt, fmt, bits)
+        assert s.source_quantized and not s.quantize_on_load and s.head_format is None
+        assert s.gpu_layers in (0, ZEPHYR.num_layers)
+    assert seen[-1].max_context == 512 and "out of memory" in seen[-1].reasons[-1]

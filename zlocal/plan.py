@@ -532,7 +532,6 @@ def make_plan(
 
 
 # -- OOM step-down ----------------------------------------------------------------------------------
-_GPU_DOWN = {"fp32": "bf16", "bf16": "bnb-int8", "fp16": "bnb-int8", "bnb-int8": "nf4"}
 _CPU_DOWN = {"fp32": "bf16", "bf16": "int8", "fp16": "int8", "int8": "int4"}
 
 
@@ -548,6 +547,8 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
         hw.cpu.cores if hw else 4,
         bool(hw and hw.kernels.get("zlocal_int4_cpu")),
     )
+    if plan.source_quantized:
+        return _step_down_quantized(plan, shape, b, hw)
     gf = plan.gpu_format
     cf = plan.cpu_format or {"nf4": "int4", "fp4": "int4"}.get(gf or "", "int8")
     g, ctx = plan.gpu_layers, plan.max_context
@@ -567,6 +568,47 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
         compute = cf  # dense weights are held in the compute dtype
     spec = _Spec(shape, b, compute, None, plan.group_size)
     new = _candidate(spec, ctx, g, gf if g else None, cf)
+    return replace(
+        new,
+        model=plan.model,
+        hardware=plan.hardware,
+        reasons=[*plan.reasons, f"out of memory: stepped down ({change})"],
+    )
+
+
+def _source_quant_of(plan: LoadPlan) -> dict:
+    """The part of a quantized checkpoint's quantization_config that the planner reads, from the plan
+    made for it (a plan keeps the format and bits it was made with)."""
+    fmt = plan.gpu_format or plan.cpu_format or plan.weights_format
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": plan.bits}
+    if fmt in ("nf4", "fp4"):
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": fmt}
+    if fmt == "bnb-int8":
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    return {"quant_method": "dequantized"}  # a dense plan for a quantized source: bits from the dtype
+
+
+def _step_down_quantized(
+    plan: LoadPlan, shape: ModelShape, b: _Budget, hw: HardwareReport | None
+) -> LoadPlan | None:
+    """step_down for an already-quantized checkpoint: its weights keep their format and bits (there
+    is no full-precision source to quantize again) and it loads whole on one device, so only the
+    device (GPU -> CPU) and the context can give."""
+    fmt = plan.gpu_format or plan.cpu_format or plan.weights_format
+    source = _source_quant_of(plan)
+    on_cpu = hw is None or fmt in _formats(hw, plan.compute_dtype, source)[1]
+    g, ctx = plan.gpu_layers, plan.max_context
+    if g > 0 and on_cpu:
+        change = f"gpu_layers {g} -> 0 (a quantized checkpoint loads whole on one device)"
+        g = 0
+    elif ctx > MIN_CONTEXT:
+        change = f"max_context {ctx} -> {max(MIN_CONTEXT, ctx // 2)}"
+        ctx = max(MIN_CONTEXT, ctx // 2)
+    else:
+        return None
+    spec = _Spec(shape, b, plan.compute_dtype, source, plan.group_size)
+    new = _candidate(spec, ctx, g, fmt if g else None, None if g else fmt)
     return replace(
         new,
         model=plan.model,
