@@ -5,7 +5,7 @@ zephyr-7b-beta, Mistral's tokenizer) under the zlocal cache, converts it with ea
 method in a fresh child process with the default flags (quality report included; ``--no-eval``
 skips it), and writes JSON with wall time, the child's peak RSS, the output size and the report.
 
-    python scripts/bench_convert.py --out bench_convert.json [--methods nf4,int8,fp4] [--layers 32]
+    python scripts/bench_convert.py --out bench-results/convert.json [--methods nf4,int8,fp4] [--layers 32]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def build_checkpoint(dest: Path, layers: int, shards: int = 8) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_convert.json", help="JSON result file")
+    ap.add_argument("--out", default="bench-results/convert.json", help="JSON result file")
     ap.add_argument("--methods", default="nf4,int8,fp4")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Mistral-7B)")
     ap.add_argument("--work", default=None, help="where outputs go (default: zlocal cache/bench)")
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "results": results,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0 if all("error" not in r for r in results) else 1

@@ -8,7 +8,7 @@
 2. Whole-model greedy decode on SmolLM2-135M through ``zlocal.load`` with a dense bf16 plan and
    int8 / int4 quantize-on-load plans: measured tok/s next to the planner's prediction.
 
-Usage: python scripts/bench_cpu_kernels.py [--output bench_cpu_kernels.json] [--skip-model]
+Usage: python scripts/bench_cpu_kernels.py [--output bench-results/cpu_kernels.json] [--skip-model]
 Run on a quiet machine: the load average is recorded because other processes skew the numbers.
 """
 
@@ -146,7 +146,7 @@ def bench_model(tokens: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output", default="bench_cpu_kernels.json")
+    ap.add_argument("--output", default="bench-results/cpu_kernels.json")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--skip-model", action="store_true")
@@ -174,6 +174,7 @@ def main() -> None:
         result["smollm2_decode"] = bench_model(args.tokens)
     result["machine"]["load_average_after"] = list(os.getloadavg())
     dest = Path(args.output)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent.resolve())
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)

@@ -62,7 +62,7 @@ def test_multiturn_counts_reused_and_prefilled_tokens(tiny_runtime):
     # Reused: the shared prefix that full prefill chunks aligned to the chunk size wrote.
     c = rt.engine.prefill_chunk
     expect = min(shared, len(turn4) // c * c, len(prompts[4]) - 1) // c * c
-    assert 0 < expect and shared - expect < c
+    assert expect > 0 and shared - expect < c
     m = measure_multiturn(rt, turns=5, target_tokens=300, repeats=1)
     assert m.conversation_tokens == len(prompts[4])
     assert m.reused_tokens == expect

@@ -116,15 +116,6 @@ def list_profiles(kind: str | None = None) -> dict[str, dict]:
     return out
 
 
-def load_profile(name: str, kind: str | None = None) -> dict:
-    """One profile by name; PlanError listing the known names otherwise."""
-    profiles = list_profiles(kind)
-    if name not in profiles:
-        known = ", ".join(profiles) or "none"
-        raise PlanError(f"unknown profile {name!r}; known: {known}")
-    return profiles[name]
-
-
 def hardware_from_profile(name: str) -> HardwareReport:
     """A simulated machine from a gpu or cpu profile."""
     machines = {**list_profiles("gpu"), **list_profiles("cpu")}

@@ -25,7 +25,6 @@ MIB = 1024**2
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 DENSE_FORMATS = {"bf16", "fp16", "fp32"}
-QUANT_FORMATS = {"int8", "int4", "bnb-int8", "nf4", "fp4", "gptq"}
 FORMAT_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "bnb-int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
 
 # CUDA context (cuBLAS handles, kernels) that torch does not count but nvidia-smi does.
@@ -75,9 +74,6 @@ class ModelShape:
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
-
-    def params_per_layer(self) -> int:
-        return sum(o * i for o, i in self.linear_shapes()) + 2 * self.hidden_size
 
 
 def linear_bytes(
@@ -255,17 +251,3 @@ def estimate(
         est.cpu_activations = act if cpu_layers else act // 4
         est.cpu_overhead = HOST_RUNTIME_BYTES
     return est
-
-
-def weight_bytes_read_per_token(
-    shape: ModelShape,
-    fmt: str,
-    compute_bytes: int = 2,
-    bits: int = 4,
-    group_size: int = 128,
-    head_format: str | None = None,
-) -> int:
-    """Bytes of weights one decode step streams from memory (embedding lookup excluded)."""
-    return shape.num_layers * layer_weight_bytes(
-        shape, fmt, compute_bytes, bits, group_size
-    ) + head_read_bytes(shape, compute_bytes, head_format)
