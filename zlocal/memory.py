@@ -17,15 +17,14 @@ and a dense 16-bit head on the CPU counts a packed copy when tied (see ``fastpat
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+
+from .formats import get_format
 
 GIB = 1024**3
 MIB = 1024**2
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-DENSE_FORMATS = {"bf16", "fp16", "fp32"}
-FORMAT_BITS = {"bf16": 16, "fp16": 16, "fp32": 32, "int8": 8, "bnb-int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
 
 # CUDA context (cuBLAS handles, kernels) that torch does not count but nvidia-smi does.
 CUDA_CONTEXT_BYTES = 450 * MIB
@@ -79,48 +78,19 @@ class ModelShape:
 def linear_bytes(
     out_f: int, in_f: int, fmt: str, *, compute_bytes: int = 2, bits: int = 4, group_size: int = 128
 ) -> int:
-    """Resident bytes of one (out_f, in_f) Linear weight in ``fmt``."""
-    n = out_f * in_f
-    if fmt in DENSE_FORMATS:
-        return n * DTYPE_BYTES[fmt]
-    if fmt == "int8":
-        return n + out_f * compute_bytes
-    if fmt == "int4":
-        g = _divisor_group(in_f, group_size)
-        return n // 2 + (in_f // g) * out_f * 2 * compute_bytes
-    if fmt == "bnb-int8":
-        return n + out_f * 4
-    if fmt in ("nf4", "fp4"):
-        blocks = math.ceil(n / 64)
-        # double quant: uint8 absmax per block, fp32 absmax + offset per 256 blocks, 256-entry code
-        return n // 2 + blocks + math.ceil(blocks / 256) * 8 + 256 * 4
-    if fmt == "gptq":
-        groups = math.ceil(in_f / group_size)
-        return n * bits // 8 + groups * out_f * bits // 8 + groups * out_f * 2 + in_f * 4
-    raise ValueError(f"unknown weights format {fmt!r}")
-
-
-def _divisor_group(in_f: int, preferred: int) -> int:
-    for g in (128, 64, 32):
-        if g <= preferred and in_f % g == 0:
-            return g
-    return preferred
+    """Resident bytes of one (out_f, in_f) Linear weight in ``fmt`` (its format object decides)."""
+    return get_format(fmt).linear_bytes(
+        out_f, in_f, compute_bytes=compute_bytes, bits=bits, group_size=group_size
+    )
 
 
 def layer_weight_bytes(
     shape: ModelShape, fmt: str, compute_bytes: int = 2, bits: int = 4, group_size: int = 128
 ) -> int:
-    """One decoder block: seven Linears in ``fmt`` plus two norms in the compute dtype.
-
-    Layers the CPU int4 kernel cannot take (out_features not a multiple of 16) stay dense, as the
-    quantizer leaves them.
-    """
+    """One decoder block: seven Linears in ``fmt`` plus two norms in the compute dtype."""
     total = 2 * shape.hidden_size * compute_bytes
     for out_f, in_f in shape.linear_shapes():
-        f = fmt
-        if fmt == "int4" and out_f % 16:
-            f = {2: "bf16", 4: "fp32"}.get(compute_bytes, "bf16")
-        total += linear_bytes(out_f, in_f, f, compute_bytes=compute_bytes, bits=bits, group_size=group_size)
+        total += linear_bytes(out_f, in_f, fmt, compute_bytes=compute_bytes, bits=bits, group_size=group_size)
     if shape.attention_bias:
         total += (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * compute_bytes
     return total

@@ -17,8 +17,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import PlanError
+from .formats import (
+    cpu_format_beside,
+    formats_for_checkpoint,
+    formats_on_load,
+    get_format,
+    quantization_config_for,
+    source_format,
+)
 from .hardware import HardwareReport
-from .memory import DTYPE_BYTES, FORMAT_BITS, GIB, MIB, ModelShape, estimate, kv_bytes_per_layer
+from .memory import DTYPE_BYTES, GIB, MIB, ModelShape, estimate, kv_bytes_per_layer
 
 MIN_CONTEXT = 512
 MIN_TOK_S = 8.0  # about reading speed: below it the quality policy gives way to speed
@@ -27,17 +35,6 @@ SPEED_SHARE = 0.5  # quality may cost at most half the speed of the fastest plan
 GPU_RESERVE_MIN = 256 * MIB
 RAM_RESERVE_MIN = 512 * MIB
 
-# Share of the memory bandwidth each kernel reaches at batch 1 (from the anchors: bitsandbytes
-# NF4 ~12 vs GPTQ ~21 tok/s on one GPU, LLM.int8 ~6.5 vs fp16 ~30; CPU numbers measured here).
-GPU_EFFICIENCY = {
-    "bf16": 0.75,
-    "fp16": 0.75,
-    "fp32": 0.75,
-    "nf4": 0.35,
-    "fp4": 0.35,
-    "bnb-int8": 0.12,
-    "gptq": 0.6,
-}
 GPU_LAYER_OVERHEAD_S = 0.0003  # python + kernel launches per decoder layer, eager mode
 # Python + small ops per decoder layer on the CPU (the lean forward): SmolLM2-135M's 30 layers cost
 # 3.6-3.8 ms per token beyond their matrix products on a 2-core AMD EPYC VM, in bf16, int8 and int4
@@ -45,17 +42,6 @@ CPU_LAYER_OVERHEAD_S = 0.00013
 # the same on zlocal's one-call decode kernel (bf16 int8/int4 layers on its own kernels): norms,
 # rotary, attention and barriers, about 1 ms for SmolLM2's 30 layers at short context
 CPU_KERNEL_LAYER_OVERHEAD_S = 0.00003
-QUALITY = {
-    "fp32": 1.0,
-    "bf16": 1.0,
-    "fp16": 1.0,
-    "int8": 0.995,
-    "bnb-int8": 0.99,
-    "gptq": 0.96,
-    "nf4": 0.94,
-    "fp4": 0.92,
-    "int4": 0.93,
-}
 _DTYPE_FORMAT = {
     "float32": "fp32",
     "fp32": "fp32",
@@ -64,14 +50,6 @@ _DTYPE_FORMAT = {
     "float16": "fp16",
     "fp16": "fp16",
 }
-
-
-def cpu_efficiency(fmt: str, cores: int, own_int4: bool = False) -> float:
-    """Share of RAM bandwidth a CPU kernel reaches. PyTorch's int4 kernel unpacks to floats and is
-    compute-bound on few cores; zlocal's AVX-512 BF16 int4 kernel (``own_int4``) read at 79-85% of
-    the bound on the 7B shape with 2 cores."""
-    per_core = {"int4": 0.42 if own_int4 else 0.28, "int8": 0.5}.get(fmt, 0.5)
-    return min(0.9, per_core * max(1, cores))
 
 
 @dataclass
@@ -139,7 +117,7 @@ class LoadPlan:
         if not isinstance(kwargs.get("reasons", []), list):
             raise PlanError("plan field reasons must be a list of strings")
         if kwargs.get("head_format") not in (None, "int8"):
-            raise PlanError(f"plan field head_format must be null or \"int8\", got {kwargs['head_format']!r}")
+            raise PlanError(f'plan field head_format must be null or "int8", got {kwargs["head_format"]!r}')
         return cls(**kwargs)
 
     def summary(self) -> str:
@@ -217,51 +195,34 @@ def usable_memory(hw: HardwareReport, max_vram_bytes: int | None = None) -> tupl
     return vram, ram
 
 
-def source_format(source_quant: dict) -> tuple[str, int]:
-    """(weights_format, bits) of an already-quantized checkpoint's quantization_config."""
-    method = str(source_quant.get("quant_method", "")).lower()
-    if method == "bitsandbytes":
-        if source_quant.get("load_in_4bit"):
-            return str(source_quant.get("bnb_4bit_quant_type", "nf4")), 4
-        return "bnb-int8", 8
-    return "gptq", int(source_quant.get("bits", 4))
-
-
 def _formats(hw: HardwareReport, dense: str, source_quant: dict | None) -> tuple[list[str], list[str]]:
+    """(GPU formats, CPU formats) the planner tries on this machine."""
     k = hw.kernels
     if source_quant:
         # an already-quantized checkpoint is loaded as it is, whole, on one device
-        fmt, _ = source_format(source_quant)
-        if fmt == "gptq":
-            on_gpu = any(k.get(n) for n in ("gptqmodel_marlin", "gptqmodel_exllama"))
-            on_cpu = bool(k.get("gptqmodel_torch"))
-        else:
-            on_gpu, on_cpu = bool(k.get("bitsandbytes_cuda")), True
-        return ([fmt] if on_gpu and hw.gpu else []), ([fmt] if on_cpu else [])
-    gpu = [dense] + (["bnb-int8", "nf4"] if k.get("bitsandbytes_cuda") else []) if hw.gpu else []
-    cpu = (
-        [dense]
-        + (["int8"] if k.get("torch_int8_cpu", True) else [])
-        + (["int4"] if k.get("torch_int4_cpu", True) else [])
-    )
-    return gpu, cpu
+        gpu = formats_for_checkpoint(k, source_quant, "cuda") if hw.gpu else []
+        return gpu, formats_for_checkpoint(k, source_quant, "cpu")
+    gpu = formats_on_load(k, dense, "cuda") if hw.gpu else []
+    return gpu, formats_on_load(k, dense, "cpu")
 
 
 def _bits(fmt: str | None, source_quant: dict | None, compute: str) -> int:
-    if source_quant and fmt is not None and fmt not in ("bf16", "fp16", "fp32"):
+    f = get_format(fmt or compute)
+    if source_quant and not f.dense:
         return source_format(source_quant)[1]
-    return FORMAT_BITS.get(fmt or compute, 16)
+    return f.bits
 
 
 def head_format_for(g: int, cpu_fmt: str | None, source_quantized: bool) -> str | None:
-    """"int8" when the output layer should run on the CPU int8 kernel, else None (dense).
+    """ "int8" when the output layer should run on the CPU int8 kernel, else None (dense).
 
     With every layer on the CPU in int8 or int4, a dense head is the largest single read of a
     decode step on small models (SmolLM2: 57 MB of 170 MB); per-channel int8 halves it and barely
     moves the output (perplexity -0.3%, mean KL 0.002 on SmolLM2), and llama.cpp too keeps its
     output layer at 8 bits (Q8_0 / Q6_K) in its 4- and 8-bit files.
     """
-    return "int8" if g == 0 and cpu_fmt in ("int8", "int4") and not source_quantized else None
+    on_kernel = cpu_fmt is not None and get_format(cpu_fmt).zlocal_kernel
+    return "int8" if g == 0 and on_kernel and not source_quantized else None
 
 
 def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> float:
@@ -277,21 +238,22 @@ def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: s
     head_fmt = head_format_for(g, cpu_fmt, bool(spec.source_quant))
     head = head_read_bytes(shape, compute_bytes, head_fmt)
     if g:
-        eff = GPU_EFFICIENCY.get(gpu_fmt, 0.6)
+        eff = get_format(gpu_fmt).gpu_share or 0.6
         per_layer = layer_weight_bytes(shape, gpu_fmt, compute_bytes, bits, group_size)
         t += g * (
             per_layer / (b.gpu_bw * 1e9 * eff) + kv_half / (b.gpu_bw * 1e9 * 0.75) + GPU_LAYER_OVERHEAD_S
         )
         t += head / (b.gpu_bw * 1e9 * 0.75)
     if n - g:
-        eff = cpu_efficiency(cpu_fmt, b.cores, b.own_int4)
+        cpu = get_format(cpu_fmt)
+        eff = cpu.cpu_share(b.cores, b.own_int4)
         per_layer = layer_weight_bytes(shape, cpu_fmt, compute_bytes, bits, group_size)
         # every layer on the CPU in int8/int4 over bf16 runs on the decode kernel (fastpath)
-        one_call = b.own_int4 and not g and cpu_fmt in ("int8", "int4") and spec.compute == "bf16"
+        one_call = b.own_int4 and not g and cpu.zlocal_kernel and spec.compute == "bf16"
         overhead = CPU_KERNEL_LAYER_OVERHEAD_S if one_call else CPU_LAYER_OVERHEAD_S
         t += (n - g) * (per_layer / (b.cpu_bw * 1e9 * eff) + kv_half / (b.cpu_bw * 1e9 * 0.9) + overhead)
         if not g:
-            t += head / (b.cpu_bw * 1e9 * cpu_efficiency(head_fmt or "bf16", b.cores))
+            t += head / (b.cpu_bw * 1e9 * get_format(head_fmt or "bf16").cpu_share(b.cores))
     if g and n - g:
         t += 0.0005  # hidden state hop between devices
     return round(1.0 / t, 2) if t > 0 else 0.0
@@ -321,7 +283,8 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
     biggest = max(o * i for o, i in [*shape.linear_shapes(), (shape.vocab_size, shape.hidden_size)])
     ram = est.ram_bytes + biggest * 4 * 2
     main_fmt = gpu_fmt if g else cpu_fmt
-    quality = (g * QUALITY.get(gpu_fmt or compute, 0.9) + (n - g) * QUALITY.get(cpu_fmt or compute, 0.9)) / n
+    gpu_q, cpu_q = get_format(gpu_fmt or compute).quality, get_format(cpu_fmt or compute).quality
+    quality = (g * gpu_q + (n - g) * cpu_q) / n
     return LoadPlan(
         weights_format=main_fmt,
         bits=bits_gpu if g else bits_cpu,
@@ -337,10 +300,7 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
         cpu_format=cpu_fmt if n - g else None,
         group_size=group_size,
         quantize_on_load=not source_quant
-        and any(
-            f not in ("bf16", "fp16", "fp32")
-            for f in ((gpu_fmt,) if g else ()) + ((cpu_fmt,) if n - g else ())
-        ),
+        and any(not get_format(f).dense for f in ((gpu_fmt,) if g else ()) + ((cpu_fmt,) if n - g else ())),
         gpu_device="cuda:0" if g else None,
         usable_vram_bytes=b.vram,
         usable_ram_bytes=b.ram,
@@ -363,12 +323,7 @@ def _candidates(spec: _Spec, ctx: int, hw: HardwareReport) -> list[LoadPlan]:
     if spec.source_quant:
         pairs = [(gf, None) for gf in gpu_fmts] + [(None, cf) for cf in cpu_fmts]
     else:
-        pairs = [
-            (gf, cf)
-            for gf in gpu_fmts
-            for cf in cpu_fmts
-            if FORMAT_BITS.get(cf, 4) <= FORMAT_BITS.get(gf, 16)
-        ]
+        pairs = [(gf, cf) for gf in gpu_fmts for cf in cpu_fmts if get_format(cf).bits <= get_format(gf).bits]
         pairs += [(None, cf) for cf in cpu_fmts]
     for gf, cf in pairs:
         if gf is None:
@@ -510,9 +465,10 @@ def make_plan(
         reasons.append(
             f"all layers on the CPU in {p.cpu_format}" + ("" if gpu is None else "; nothing fits on the GPU")
         )
-    if "int4" in (p.gpu_format, p.cpu_format):
-        reasons.append(f"int4 uses groups of {p.group_size} weights (scale + zero per group)")
-    if p.cpu_layers and p.cpu_format in ("int8", "int4"):
+    grouped = [f for f in (p.gpu_format, p.cpu_format) if f and get_format(f).grouped]
+    if grouped and not p.source_quantized:
+        reasons.append(f"{grouped[0]} uses groups of {p.group_size} weights (scale + zero per group)")
+    if p.cpu_layers and p.cpu_format and get_format(p.cpu_format).zlocal_kernel:
         reasons += _kernel_fallbacks(shape, p)
     if p.head_format == "int8":
         reasons.append(
@@ -532,7 +488,6 @@ def make_plan(
 
 
 # -- OOM step-down ----------------------------------------------------------------------------------
-_CPU_DOWN = {"fp32": "bf16", "bf16": "int8", "fp16": "int8", "int8": "int4"}
 
 
 def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = None) -> LoadPlan | None:
@@ -550,7 +505,7 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
     if plan.source_quantized:
         return _step_down_quantized(plan, shape, b, hw)
     gf = plan.gpu_format
-    cf = plan.cpu_format or {"nf4": "int4", "fp4": "int4"}.get(gf or "", "int8")
+    cf = plan.cpu_format or cpu_format_beside(gf or plan.compute_dtype)
     g, ctx = plan.gpu_layers, plan.max_context
     if g > 0:
         change = f"gpu_layers {g} -> {max(0, g - max(1, n // 8))}"
@@ -558,13 +513,13 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
     elif ctx > MIN_CONTEXT:
         change = f"max_context {ctx} -> {max(MIN_CONTEXT, ctx // 2)}"
         ctx = max(MIN_CONTEXT, ctx // 2)
-    elif cf in _CPU_DOWN:
-        change = f"CPU weights {cf} -> {_CPU_DOWN[cf]}"
-        cf = _CPU_DOWN[cf]
+    elif get_format(cf).smaller_on_cpu:
+        change = f"CPU weights {cf} -> {get_format(cf).smaller_on_cpu}"
+        cf = get_format(cf).smaller_on_cpu
     else:
         return None
     compute = plan.compute_dtype
-    if cf in ("bf16", "fp16") and compute == "fp32":
+    if get_format(cf).dense and get_format(cf).bits < 32 and compute == "fp32":
         compute = cf  # dense weights are held in the compute dtype
     spec = _Spec(shape, b, compute, None, plan.group_size)
     new = _candidate(spec, ctx, g, gf if g else None, cf)
@@ -577,16 +532,8 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
 
 
 def _source_quant_of(plan: LoadPlan) -> dict:
-    """The part of a quantized checkpoint's quantization_config that the planner reads, from the plan
-    made for it (a plan keeps the format and bits it was made with)."""
-    fmt = plan.gpu_format or plan.cpu_format or plan.weights_format
-    if fmt == "gptq":
-        return {"quant_method": "gptq", "bits": plan.bits}
-    if fmt in ("nf4", "fp4"):
-        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": fmt}
-    if fmt == "bnb-int8":
-        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
-    return {"quant_method": "dequantized"}  # a dense plan for a quantized source: bits from the dtype
+    """The quantization_config the plan was made for (a plan keeps its format and bits)."""
+    return quantization_config_for(plan.gpu_format or plan.cpu_format or plan.weights_format, plan.bits)
 
 
 def _step_down_quantized(
@@ -624,5 +571,5 @@ def _kernel_fallbacks(shape, p: LoadPlan) -> list[str]:
     from .cpu_quant import fallback_note
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.compute_dtype, torch.float32)
-    note = fallback_note(shape.linear_shapes(), 8 if p.cpu_format == "int8" else 4, dtype, p.group_size)
+    note = fallback_note(shape.linear_shapes(), get_format(p.cpu_format).bits, dtype, p.group_size)
     return [note] if note else []

@@ -1,0 +1,74 @@
+"""The weight-format registry: one object per format, as the planner and memory estimate see it."""
+
+from __future__ import annotations
+
+import pytest
+
+from zlocal.errors import PlanError
+from zlocal.formats import (
+    FORMATS,
+    cpu_format_beside,
+    dense_format,
+    formats_for_checkpoint,
+    formats_on_load,
+    get_format,
+    quantization_config_for,
+    source_format,
+)
+
+
+def test_names_and_dtype_aliases():
+    assert get_format("bfloat16") is get_format("bf16") is dense_format("bf16")
+    assert [f.name for f in FORMATS.values() if f.dense] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(PlanError, match="unknown weights format 'q3_k'"):
+        get_format("q3_k")
+    with pytest.raises(PlanError, match="not a floating-point"):
+        dense_format("int8")
+
+
+@pytest.mark.parametrize(
+    ("name", "bits"), [("gptq", 4), ("gptq", 8), ("nf4", 4), ("fp4", 4), ("bnb-int8", 8)]
+)
+def test_quantization_config_round_trip(name, bits):
+    assert source_format(quantization_config_for(name, bits)) == (name, bits)
+
+
+def test_bytes_per_layer_shape():
+    n = 4096 * 4096
+    assert get_format("bf16").linear_bytes(4096, 4096, compute_bytes=2, bits=16, group_size=128) == 2 * n
+    int4 = get_format("int4")
+    assert int4.linear_bytes(4096, 4096, compute_bytes=2, bits=4, group_size=128) == n // 2 + 32 * 4096 * 4
+    # groups fall back to a size dividing the input width; rows the int4 layouts cannot pack stay dense
+    assert int4.linear_bytes(4096, 96, compute_bytes=2, bits=4, group_size=128) == 4096 * 48 + 3 * 4096 * 4
+    assert int4.linear_bytes(1000, 4096, compute_bytes=2, bits=4, group_size=128) == 1000 * 4096 * 2
+    gptq = get_format("gptq")
+    assert gptq.bits_of(8) == 8 and gptq.bits_of(None) == 4 and get_format("int8").bits_of(4) == 8
+
+
+def test_what_runs_where():
+    none = {"torch_int8_cpu": False, "torch_int4_cpu": False}
+    assert formats_on_load({}, "bf16", "cpu") == ["bf16", "int8", "int4"]
+    assert formats_on_load(none, "bf16", "cpu") == ["bf16"]
+    assert formats_on_load({}, "fp16", "cuda") == ["fp16"]
+    assert formats_on_load({"bitsandbytes_cuda": True}, "bf16", "cuda") == ["bf16", "bnb-int8", "nf4"]
+    gptq = {"quant_method": "gptq", "bits": 4}
+    assert formats_for_checkpoint({}, gptq, "cpu") == []
+    assert formats_for_checkpoint({"gptqmodel_torch": True}, gptq, "cpu") == ["gptq"]
+    assert formats_for_checkpoint({"gptqmodel_marlin": True}, gptq, "cuda") == ["gptq"]
+    nf4 = quantization_config_for("nf4", 4)
+    assert formats_for_checkpoint({}, nf4, "cpu") == ["nf4"] and formats_for_checkpoint({}, nf4, "cuda") == []
+
+
+def test_step_down_targets():
+    assert [cpu_format_beside(g) for g in ("bf16", "bnb-int8", "nf4")] == ["int8", "int8", "int4"]
+    chain, f = [], get_format("fp32")
+    while f.smaller_on_cpu:
+        f = get_format(f.smaller_on_cpu)
+        chain.append(f.name)
+    assert chain == ["bf16", "int8", "int4"]
+
+
+def test_cpu_bandwidth_share():
+    assert get_format("int4").cpu_share(2, own_kernels=True) == pytest.approx(0.84)
+    assert get_format("int4").cpu_share(2) == pytest.approx(0.56)
+    assert get_format("int8").cpu_share(16) == 0.9  # capped

@@ -1,0 +1,55 @@
+"""The interface every weight format implements (see zlocal.formats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Share of the CPU's RAM bandwidth one core's worth of a weight-only kernel reaches at batch 1, and
+# the ceiling with many cores (measured on the 2-core AMD EPYC VM; see README, Benchmarks).
+CPU_SHARE_PER_CORE = 0.5
+CPU_SHARE_MAX = 0.9
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One way of storing a Linear layer's weight, and what the planner needs to know about it.
+
+    ``name`` is the string plans and CLI flags use. ``quality`` is the prior the planner ranks
+    formats by (1.0 = the full-precision model). ``gpu_share`` is the share of the GPU's memory
+    bandwidth its CUDA kernels reach at batch 1 (None: it has none). ``smaller_on_cpu`` is the format
+    an out-of-memory step-down moves CPU layers to. ``zlocal_kernel``: runs on zlocal's own CPU
+    kernels (and its one-call decode kernel).
+    """
+
+    name: str
+    bits: int
+    quality: float
+    gpu_share: float | None = None
+    smaller_on_cpu: str | None = None
+    dense: bool = False
+    zlocal_kernel: bool = False
+    grouped: bool = False  # per-group scales whose group size the plan states
+
+    def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
+        """Resident bytes of one (out_f, in_f) Linear weight."""
+        raise NotImplementedError
+
+    def cpu_share(self, cores: int, own_kernels: bool = False) -> float:
+        """Share of the CPU's RAM bandwidth this format's CPU kernel reaches with ``cores`` cores."""
+        return min(CPU_SHARE_MAX, self._cpu_share_per_core(own_kernels) * max(1, cores))
+
+    def _cpu_share_per_core(self, own_kernels: bool) -> float:
+        return CPU_SHARE_PER_CORE
+
+    def runs_on(self, kernels: dict, device: str) -> bool:
+        """Whether a machine with these kernel capabilities (HardwareReport.kernels) runs this
+        format on ``device`` ("cuda" or "cpu") when the checkpoint is stored in it."""
+        return True
+
+    def quantized_on_load(self, kernels: dict, device: str) -> bool:
+        """Whether the planner may quantize a full-precision checkpoint into this format at load."""
+        return False
+
+    def bits_of(self, source_bits: int | None) -> int:
+        """Bits per weight: the checkpoint's own (formats with several widths) or the format's."""
+        return self.bits

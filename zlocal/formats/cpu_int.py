@@ -1,0 +1,62 @@
+"""zlocal's CPU formats: int8 per output channel and int4 in groups, quantized on load.
+
+They run on zlocal's AVX-512 kernels where those pass their self-check, else on PyTorch's
+weight-only kernels (see zlocal.cpu_quant for the per-shape support predicates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import WeightFormat
+
+# Output rows the int4 layouts pack together: layers with other row counts stay in the compute
+# dtype, as the quantizer leaves them (zlocal.cpu_quant.torch_int4_supported).
+INT4_ROWS = 16
+
+
+@dataclass(frozen=True)
+class CpuInt8(WeightFormat):
+    """int8 codes, one scale per output row (in the compute dtype)."""
+
+    def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
+        return out_f * in_f + out_f * compute_bytes
+
+    def quantized_on_load(self, kernels: dict, device: str) -> bool:
+        return device == "cpu" and kernels.get("torch_int8_cpu", True)
+
+    def runs_on(self, kernels: dict, device: str) -> bool:
+        return device == "cpu"
+
+
+@dataclass(frozen=True)
+class CpuInt4(WeightFormat):
+    """Packed 4-bit codes, a scale and a zero point per group of input weights."""
+
+    def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
+        if out_f % INT4_ROWS:
+            return out_f * in_f * compute_bytes
+        g = _divisor_group(in_f, group_size)
+        return out_f * in_f // 2 + (in_f // g) * out_f * 2 * compute_bytes
+
+    def _cpu_share_per_core(self, own_kernels: bool) -> float:
+        # PyTorch's int4 kernel unpacks to floats and is compute-bound on few cores; zlocal's
+        # AVX-512 BF16 kernel read at 79-85% of the bound on the 7B shape with 2 cores
+        return 0.42 if own_kernels else 0.28
+
+    def quantized_on_load(self, kernels: dict, device: str) -> bool:
+        return device == "cpu" and kernels.get("torch_int4_cpu", True)
+
+    def runs_on(self, kernels: dict, device: str) -> bool:
+        return device == "cpu"
+
+
+def _divisor_group(in_f: int, preferred: int) -> int:
+    for g in (128, 64, 32):
+        if g <= preferred and in_f % g == 0:
+            return g
+    return preferred
+
+
+INT8 = CpuInt8("int8", 8, quality=0.995, smaller_on_cpu="int4", zlocal_kernel=True)
+INT4 = CpuInt4("int4", 4, quality=0.93, zlocal_kernel=True, grouped=True)

@@ -1,0 +1,29 @@
+"""GPTQ checkpoints (2-8 bits, grouped, with zero points), run by gptqmodel's kernels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .base import WeightFormat
+
+
+@dataclass(frozen=True)
+class Gptq(WeightFormat):
+    """Packed codes, packed zero points and a float16 scale per group, plus the act-order index."""
+
+    def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
+        groups = math.ceil(in_f / group_size)
+        n = out_f * in_f
+        return n * bits // 8 + groups * out_f * bits // 8 + groups * out_f * 2 + in_f * 4
+
+    def runs_on(self, kernels: dict, device: str) -> bool:
+        if device == "cuda":
+            return any(kernels.get(k) for k in ("gptqmodel_marlin", "gptqmodel_exllama"))
+        return bool(kernels.get("gptqmodel_torch"))
+
+    def bits_of(self, source_bits: int | None) -> int:
+        return self.bits if source_bits is None else source_bits
+
+
+GPTQ = Gptq("gptq", 4, quality=0.96, gpu_share=0.6, grouped=True)

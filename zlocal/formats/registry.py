@@ -1,0 +1,77 @@
+"""Every weight format zlocal knows, by name."""
+
+from __future__ import annotations
+
+from ..errors import PlanError
+from .base import WeightFormat
+from .bnb import BNB_INT8, FP4, NF4
+from .cpu_int import INT4, INT8
+from .dense import BF16, FP16, FP32
+from .gptq import GPTQ
+
+# Order matters: the planner tries formats in this order (full precision first).
+FORMATS: dict[str, WeightFormat] = {
+    f.name: f for f in (FP32, BF16, FP16, INT8, INT4, BNB_INT8, NF4, FP4, GPTQ)
+}
+
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def get_format(name: str) -> WeightFormat:
+    """The format called ``name`` (a plan's or CLI's format string, or a dtype name)."""
+    fmt = FORMATS.get(_DTYPE_NAMES.get(name, name))
+    if fmt is None:
+        raise PlanError(f"unknown weights format {name!r}; known: {', '.join(FORMATS)}")
+    return fmt
+
+
+def dense_format(dtype: str) -> WeightFormat:
+    """The full-precision format of a compute dtype ("bf16" or "bfloat16", ...)."""
+    fmt = get_format(dtype)
+    if not fmt.dense:
+        raise PlanError(f"{dtype!r} is not a floating-point dtype")
+    return fmt
+
+
+def source_format(quantization_config: dict) -> tuple[str, int]:
+    """(format name, bits) of an already-quantized checkpoint's ``quantization_config``."""
+    method = str(quantization_config.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        if quantization_config.get("load_in_4bit"):
+            return str(quantization_config.get("bnb_4bit_quant_type", "nf4")), 4
+        return BNB_INT8.name, 8
+    return GPTQ.name, int(quantization_config.get("bits", 4))
+
+
+def quantization_config_for(name: str, bits: int) -> dict:
+    """The part of a ``quantization_config`` that ``source_format`` reads, for a format and width:
+    what a plan made for a quantized checkpoint needs to be planned again (full-precision formats
+    give a config marking the source as quantized and dequantized on load)."""
+    fmt = get_format(name)
+    if fmt is GPTQ:
+        return {"quant_method": "gptq", "bits": bits}
+    if fmt in (NF4, FP4):
+        return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": fmt.name}
+    if fmt is BNB_INT8:
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    return {"quant_method": "dequantized"}
+
+
+def cpu_format_beside(gpu_format: str) -> str:
+    """The CPU format for layers moved off the GPU: the widest CPU on-load format no wider than
+    the GPU's (int4 beside 4-bit GPU layers, int8 beside 8 and 16 bits)."""
+    width = get_format(gpu_format).bits
+    fits = [f for f in FORMATS.values() if f.quantized_on_load({}, "cpu") and f.bits <= width]
+    return max(fits, key=lambda f: f.bits).name
+
+
+def formats_on_load(kernels: dict, dense: str, device: str) -> list[str]:
+    """Formats a full-precision checkpoint can run in on ``device``: its own dtype, then those the
+    machine can quantize into at load, in ``FORMATS`` order."""
+    return [dense] + [n for n, f in FORMATS.items() if f.quantized_on_load(kernels, device)]
+
+
+def formats_for_checkpoint(kernels: dict, quantization_config: dict, device: str) -> list[str]:
+    """An already-quantized checkpoint runs in its own format, where the machine has its kernels."""
+    name, _ = source_format(quantization_config)
+    return [name] if get_format(name).runs_on(kernels, device) else []
