@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
-from zlocal.errors import PlanError
+import zlocal
+from zlocal.errors import InvalidArgumentError, PlanError
 from zlocal.formats import (
     FORMATS,
+    checkpoint_format,
+    convert_format,
+    convert_methods,
     cpu_format_beside,
     dense_format,
     formats_for_checkpoint,
@@ -72,3 +79,53 @@ def test_cpu_bandwidth_share():
     assert get_format("int4").cpu_share(2, own_kernels=True) == pytest.approx(0.84)
     assert get_format("int4").cpu_share(2) == pytest.approx(0.56)
     assert get_format("int8").cpu_share(16) == 0.9  # capped
+
+
+_NAMES = {f.name for f in FORMATS.values() if not f.dense} | set(convert_methods())
+
+
+def _literal_names(node):
+    if isinstance(node, ast.Constant) and node.value in _NAMES:
+        yield node.value
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        for e in node.elts:
+            yield from _literal_names(e)
+
+
+def test_no_format_name_is_compared_outside_the_formats_package():
+    """Comparisons with a quantized format's name (or tables keyed by them) belong to the format
+    objects; elsewhere code asks the registry."""
+    root = Path(zlocal.__file__).parent
+    hits = []
+    for path in sorted(root.rglob("*.py")):
+        if "formats" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                parts = [node.left, *node.comparators]
+            elif isinstance(node, ast.Dict):
+                parts = [k for k in node.keys if k is not None]
+            else:
+                continue
+            for name in (n for p in parts for n in _literal_names(p)):
+                hits.append(f"{path.relative_to(root)}:{node.lineno} {name!r}")
+    assert not hits, "format names compared outside zlocal/formats: " + ", ".join(hits)
+
+
+def test_cli_choices_come_from_the_registry():
+    from zlocal.bench import CPU_FORMATS
+
+    assert list(convert_methods()) == ["nf4", "fp4", "int8", "gptq4", "gptq8"]
+    assert convert_format("int8") is get_format("bnb-int8") and convert_format("gptq8") is get_format("gptq")
+    assert CPU_FORMATS == ("int8", "int4")
+    with pytest.raises(InvalidArgumentError, match="--method must be one of nf4, fp4, int8, gptq4, gptq8"):
+        convert_format("q4_k")
+
+
+def test_checkpoint_format_reads_transformers_config_objects():
+    from transformers import GPTQConfig
+
+    qc = GPTQConfig(bits=4, group_size=64).to_dict()  # quant_method is a str enum here
+    assert checkpoint_format(qc) is get_format("gptq")
+    assert checkpoint_format({"quant_method": "awq"}) is None and checkpoint_format(None) is None
+    assert checkpoint_format(quantization_config_for("fp4", 4)) is get_format("fp4")

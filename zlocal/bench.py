@@ -20,6 +20,7 @@ import torch
 
 from .engine import common_prefix
 from .errors import InvalidArgumentError
+from .formats import get_format, quantized_on_load
 
 # Plain English filler for synthetic prompts; its content does not matter for speed.
 _FILLER = (
@@ -28,7 +29,8 @@ _FILLER = (
 )
 
 # Shorthand plans for `zlocal bench --plan`: every layer on the CPU in this weight format.
-CPU_FORMATS = {"int8": 8, "int4": 4}
+# The formats `zlocal bench --plan` can put every layer in: those the CPU quantizes into at load.
+CPU_FORMATS = tuple(quantized_on_load({}, "cpu"))
 
 
 @dataclass
@@ -269,8 +271,14 @@ def model_context(model: str) -> int:
     return int(load_config(resolve_model(model)).max_position_embeddings)
 
 
-def cpu_plan(model: str, fmt: str, *, dtype: str | None = None, max_context: int | None = None,
-             group_size: int | None = None):
+def cpu_plan(
+    model: str,
+    fmt: str,
+    *,
+    dtype: str | None = None,
+    max_context: int | None = None,
+    group_size: int | None = None,
+):
     """The auto plan for ``model`` with every layer on the CPU in ``fmt`` (int8, int4 or the dense
     compute dtype), for comparing formats on one machine."""
     from .loader import load_config, plan_for
@@ -283,10 +291,14 @@ def cpu_plan(model: str, fmt: str, *, dtype: str | None = None, max_context: int
     n = lp.gpu_layers + lp.cpu_layers
     changes = dict(gpu_layers=0, cpu_layers=n, gpu_format=None, gpu_device=None, estimated_vram_bytes=0)
     if fmt in CPU_FORMATS:
-        changes.update(cpu_format=fmt, weights_format=fmt, bits=CPU_FORMATS[fmt], quantize_on_load=True)
+        changes.update(cpu_format=fmt, weights_format=fmt, bits=get_format(fmt).bits, quantize_on_load=True)
     else:
-        changes.update(cpu_format=lp.compute_dtype, weights_format=lp.compute_dtype, quantize_on_load=False,
-                       bits=16 if lp.compute_dtype in ("bf16", "fp16") else 32)
+        changes.update(
+            cpu_format=lp.compute_dtype,
+            weights_format=lp.compute_dtype,
+            quantize_on_load=False,
+            bits=get_format(lp.compute_dtype).bits,
+        )
     changes["head_format"] = head_format_for(0, changes["cpu_format"], lp.source_quantized)
     if group_size is not None:
         changes["group_size"] = int(group_size)

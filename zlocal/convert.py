@@ -25,6 +25,7 @@ import torch
 
 from .convert_output import TMP_MARK, check_disk, check_output, clean_stale_temp, install
 from .errors import CheckpointError, ConversionError, InvalidArgumentError, ZlocalError
+from .formats import convert_methods
 from .manifest import Manifest, library_versions, read_manifest, sha256_file, write_manifest
 from .quantize_bnb import (
     BNB_METHODS,
@@ -39,7 +40,7 @@ from .quantize_bnb import (
 )
 from .quantize_gptq import GPTAQ_ALPHA
 
-METHODS = {"nf4": 4, "fp4": 4, "int8": 8, "gptq4": 4, "gptq8": 8}
+METHODS = convert_methods()  # method -> bits
 CONVERTIBLE_TYPES = {"mistral", "llama", "qwen2"}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", "zlocal.json"}

@@ -18,6 +18,7 @@ import torch
 
 from . import cpu_kernels
 from .cpu_quant import Int4WeightOnlyLinear
+from .formats import GPTQ, checkpoint_format
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -31,9 +32,13 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return ((p[:, :, None] >> shifts[None, None, :]) & mask).reshape(p.shape[0], -1)  # qzeros -> [G, N]
 
 
+# gptqmodel's ``checkpoint_format`` of the original GPTQ layout ("gptq_v2" keeps z, not z - 1)
+V1_CHECKPOINT_FORMAT = "gptq"
+
+
 def stores_v1_zeros(qc: dict) -> bool:
     """True when the checkpoint keeps z - 1 (the original GPTQ format); gptqmodel's v2 keeps z."""
-    return (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
+    return (qc.get("checkpoint_format") or qc.get("format") or V1_CHECKPOINT_FORMAT) == V1_CHECKPOINT_FORMAT
 
 
 def zero_points(qzeros: torch.Tensor, bits: int, n: int, v1_zeros: bool) -> torch.Tensor:
@@ -78,7 +83,7 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
 
     qc = getattr(model.config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
-    if qc.get("quant_method") != "gptq" or int(qc.get("bits") or 0) != 4:
+    if checkpoint_format(qc) is not GPTQ or int(qc.get("bits") or 0) != 4:
         return 0, "only 4-bit GPTQ layers go on zlocal's kernel"
     if dtype != torch.bfloat16 or cpu_kernels.kernels() is None:
         return 0, f"zlocal's int4 kernel needs bf16 and {cpu_kernels.kernel_status()}"
@@ -102,8 +107,13 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
                     continue
                 bias = fh.get_tensor(f"{prefix}.bias") if f"{prefix}.bias" in keys else None
                 new = int4_module(
-                    qweight, fh.get_tensor(f"{prefix}.qzeros"), fh.get_tensor(f"{prefix}.scales"), group,
-                    v1_zeros, dtype, bias,
+                    qweight,
+                    fh.get_tensor(f"{prefix}.qzeros"),
+                    fh.get_tensor(f"{prefix}.scales"),
+                    group,
+                    v1_zeros,
+                    dtype,
+                    bias,
                 )
                 parent_name, _, child = prefix.rpartition(".")
                 parent = model.get_submodule(parent_name)

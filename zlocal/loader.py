@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, InvalidArgumentError, PlanError
+from .formats import GPTQ, checkpoint_format, get_format
 from .resolve import ResolvedModel
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -307,7 +308,6 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
     """Carry out one LoadPlan (no retries)."""
     dtype = _PLAN_DTYPES[lp.compute_dtype]
     n = lp.gpu_layers + lp.cpu_layers
-    dense = {"fp32", "bf16", "fp16", None}
     if lp.source_quantized:
         device = lp.gpu_device or "cpu"
         loaded = load_model(resolved, dtype=dtype, device=device, device_map={"": device})
@@ -320,9 +320,9 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
             gptq, why_not = swap_gptq_for_cpu(loaded.model, resolved.path, dtype)
             if gptq:
                 lp.reasons.append(f"GPTQ layers ({gptq}) run on zlocal's CPU int4 kernel")
-            if why_not and source_quantization(config).get("quant_method") == "gptq":
+            if why_not and checkpoint_format(source_quantization(config)) is GPTQ:
                 lp.reasons.append(f"GPTQ layers left on gptqmodel's kernel: {why_not}")
-    elif lp.gpu_format in dense and lp.cpu_format in dense and (lp.gpu_layers in (0, n)):
+    elif _dense(lp.gpu_format) and _dense(lp.cpu_format) and (lp.gpu_layers in (0, n)):
         loaded = load_model(resolved, dtype=dtype, device=lp.gpu_device or "cpu")
     elif resolved.weights_format != "safetensors":
         if lp.gpu_layers:
@@ -333,7 +333,7 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
         from .cpu_quant import WeightOnlyQuantHandler
 
         loaded = load_model(resolved, dtype=dtype, device="cpu")
-        bits = {"int8": 8, "int4": 4}[lp.cpu_format]
+        bits = get_format(lp.cpu_format).bits
         WeightOnlyQuantHandler(loaded.model, bits, dtype, lp.group_size).apply()
     else:
         model, device_map = stream_load(resolved, config, lp, dtype)
@@ -341,11 +341,15 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
             "cpu" if not lp.gpu_layers else (lp.gpu_device if not lp.cpu_layers else f"{lp.gpu_device}+cpu")
         )
         loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
-    if lp.head_format == "int8":
+    if lp.head_format:  # the one head format, zlocal's per-channel int8
         quantize_head_int8(loaded.model, dtype)
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded
+
+
+def _dense(fmt: str | None) -> bool:
+    return fmt is None or get_format(fmt).dense
 
 
 def quantize_head_int8(model, dtype: torch.dtype) -> bool:
@@ -465,13 +469,7 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
     return model, device_map
 
 
-_GPU_BNB = {"nf4", "fp4", "bnb-int8"}
-_CPU_BITS = {"int8": 8, "int4": 4}
-
-
 def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> None:
-    from .cpu_quant import can_quantize, quantize_linear
-
     if tuple(tensor.shape) != tuple(meta.shape):
         raise CheckpointError(
             f"{key} has shape {tuple(tensor.shape)} but the config implies {tuple(meta.shape)}"
@@ -481,18 +479,13 @@ def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> No
     device = _device_of(module_name, device_map)
     in_layer = ".layers." in f".{module_name}"
     fmt = (lp.gpu_format if device != "cpu" else lp.cpu_format) if in_layer else None
-    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt in _CPU_BITS and device == "cpu":
-        bits = _CPU_BITS[fmt]
-        if can_quantize(tuple(tensor.shape), bits, lp.group_size):
-            bias = module.bias is not None
-            new = quantize_linear(tensor, None, bits, dtype, lp.group_size)
-            if bias:  # filled when the bias tensor arrives
-                new.register_buffer("bias", torch.empty(new.out_features, dtype=dtype))
+    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt is not None:
+        new = get_format(fmt).build_linear(
+            module, tensor, dtype=dtype, device=device, group_size=lp.group_size
+        )
+        if new is not None:
             _replace(model, module_name, new)
             return
-    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt in _GPU_BNB and device != "cpu":
-        _replace(model, module_name, _bnb_linear(module, tensor, fmt, dtype, device))
-        return
     if not isinstance(module, torch.nn.Linear) and module.__class__.__module__.startswith("zlocal.cpu_quant"):
         module.register_buffer(pname, tensor.to(dtype))  # the bias of a quantized CPU Linear
         return
@@ -501,44 +494,6 @@ def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> No
         return
     value = tensor.to(dtype) if tensor.is_floating_point() else tensor
     set_tensor(model, key, device, value=value, clear_cache=False)
-
-
-def _bnb_linear(module, weight, fmt, dtype, device):
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        from .errors import DependencyError
-
-        raise DependencyError(
-            "this plan quantizes GPU layers with bitsandbytes; pip install bitsandbytes"
-        ) from exc
-    has_bias = module.bias is not None
-    if fmt == "bnb-int8":
-        new = bnb.nn.Linear8bitLt(
-            module.in_features,
-            module.out_features,
-            bias=has_bias,
-            has_fp16_weights=False,
-            threshold=6.0,
-            device="meta",
-        )
-        new.weight = bnb.nn.Int8Params(
-            weight.to(torch.float16), requires_grad=False, has_fp16_weights=False
-        ).to(device)
-    else:
-        new = bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=has_bias,
-            compute_dtype=dtype,
-            compress_statistics=True,
-            quant_type=fmt,
-            device="meta",
-        )
-        new.weight = bnb.nn.Params4bit(
-            weight.to(dtype), requires_grad=False, compress_statistics=True, quant_type=fmt
-        ).to(device)
-    return new
 
 
 def _replace(model, name: str, new) -> None:

@@ -103,8 +103,9 @@ def embedding_bytes(shape: ModelShape, compute_bytes: int = 2) -> int:
 def head_bytes(shape: ModelShape, compute_bytes: int = 2, head_format: str | None = None) -> int:
     """lm_head plus the final norm. A dense head tied to the embeddings adds nothing; an int8 head
     is its own copy (int8 codes and one scale per row)."""
-    if head_format == "int8":
-        lm = shape.vocab_size * (shape.hidden_size + compute_bytes)
+    if head_format is not None:  # its own quantized copy
+        v, h = shape.vocab_size, shape.hidden_size
+        lm = linear_bytes(v, h, head_format, compute_bytes=compute_bytes, bits=8, group_size=h)
     else:
         lm = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * compute_bytes
     return lm + shape.hidden_size * compute_bytes
@@ -112,7 +113,7 @@ def head_bytes(shape: ModelShape, compute_bytes: int = 2, head_format: str | Non
 
 def head_read_bytes(shape: ModelShape, compute_bytes: int = 2, head_format: str | None = None) -> int:
     """Bytes the output layer reads per token (a tied dense head reads the embedding matrix)."""
-    tied_dense = shape.tie_word_embeddings and head_format != "int8"
+    tied_dense = shape.tie_word_embeddings and head_format is None
     return head_bytes(shape, compute_bytes, head_format) + (
         embedding_bytes(shape, compute_bytes) if tied_dense else 0
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import PlanError
 from .formats import (
+    HEAD_FORMAT,
     cpu_format_beside,
     formats_for_checkpoint,
     formats_on_load,
@@ -116,8 +117,10 @@ class LoadPlan:
             raise PlanError("plan field max_context must be at least 1")
         if not isinstance(kwargs.get("reasons", []), list):
             raise PlanError("plan field reasons must be a list of strings")
-        if kwargs.get("head_format") not in (None, "int8"):
-            raise PlanError(f'plan field head_format must be null or "int8", got {kwargs["head_format"]!r}')
+        if kwargs.get("head_format") not in (None, HEAD_FORMAT):
+            raise PlanError(
+                f'plan field head_format must be null or "{HEAD_FORMAT}", got {kwargs["head_format"]!r}'
+            )
         return cls(**kwargs)
 
     def summary(self) -> str:
@@ -222,7 +225,7 @@ def head_format_for(g: int, cpu_fmt: str | None, source_quantized: bool) -> str 
     output layer at 8 bits (Q8_0 / Q6_K) in its 4- and 8-bit files.
     """
     on_kernel = cpu_fmt is not None and get_format(cpu_fmt).zlocal_kernel
-    return "int8" if g == 0 and on_kernel and not source_quantized else None
+    return HEAD_FORMAT if g == 0 and on_kernel and not source_quantized else None
 
 
 def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> float:
@@ -470,7 +473,7 @@ def make_plan(
         reasons.append(f"{grouped[0]} uses groups of {p.group_size} weights (scale + zero per group)")
     if p.cpu_layers and p.cpu_format and get_format(p.cpu_format).zlocal_kernel:
         reasons += _kernel_fallbacks(shape, p)
-    if p.head_format == "int8":
+    if p.head_format:
         reasons.append(
             "lm_head on the int8 kernel (per-channel, as llama.cpp keeps its output layer at 8 bits): "
             "it reads half the bytes of the dense head every token"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .formats import checkpoint_format
 from .gptq_cpu import stores_v1_zeros, unpack, zero_points
 from .quantize_bnb import MappedShard, read_header
 from .tune_scales import _layer_kwargs
@@ -33,7 +34,6 @@ from .tune_scales import _layer_kwargs
 # Architectures whose forward is exactly embed -> decoder layers -> norm -> lm_head (no embedding
 # scale or other step between them that the skeleton would miss).
 STREAMABLE_TYPES = {"llama", "mistral", "qwen2"}
-_QUANT_METHODS = {None, "bitsandbytes", "gptq"}
 
 
 @functools.cache
@@ -84,7 +84,7 @@ def why_not_streamable(model: Path, reference: Path) -> str | None:
         return f"the model is '{cfg.get('model_type')}' but the reference is '{kind}'"
     if _quant_method(ref_cfg) is not None:
         return "the reference is quantized"
-    if _quant_method(cfg) not in _QUANT_METHODS:
+    if _quant_method(cfg) is not None and checkpoint_format(cfg.get("quantization_config")) is None:
         return f"'{_quant_method(cfg)}' checkpoints are not streamed (bitsandbytes and GPTQ are)"
     for name, p in (("reference", reference), ("model", model)):
         if not _shards(p):
@@ -161,11 +161,8 @@ class Side:
         self.qc = cfg.get("quantization_config") or {}
         self.dtype = dtype
         self.store = TensorStore(path)
-        method = _quant_method(cfg)
-        self.mode = {
-            "bitsandbytes": "weight-only (bitsandbytes weights dequantized)",
-            "gptq": "weight-only (GPTQ weights dequantized)",
-        }.get(method, "native")
+        fmt = checkpoint_format(self.qc)
+        self.mode = f"weight-only ({fmt.label} weights dequantized)" if fmt else "native"
 
     def __contains__(self, name: str) -> bool:
         base = name.removesuffix(".weight")

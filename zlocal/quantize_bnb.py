@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ConversionError, DependencyError
+from .formats import convert_format, convert_methods
+from .formats.bnb import BLOCKSIZE_4BIT
 
-BNB_METHODS = {"nf4": 4, "fp4": 4, "int8": 8}
-BLOCKSIZE_4BIT = 64  # what transformers/bitsandbytes use for Params4bit by default
+BNB_METHODS = convert_methods("bitsandbytes")  # method -> bits
 DEFAULT_MAX_SHARD_BYTES = 512 << 20  # small output shards bound the write buffer (and its serialization copy)
 
 ST_DTYPES = {
@@ -217,45 +218,12 @@ def quantize_tensor(
     name: str, w: torch.Tensor, method: str, compute_dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Quantize one linear weight; return the state-dict entries transformers would save for it."""
-    import bitsandbytes.functional as bnbf
-
-    prefix = name[: -len("weight")]  # "model.layers.0.mlp.up_proj."
-    if method == "int8":
-        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))  # as bitsandbytes' Int8Params does
-        # transformers saves the 'row' layout as code 0 (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)
-        return {
-            name: cb.contiguous(),
-            prefix + "SCB": scb.float().contiguous(),
-            prefix + "weight_format": torch.tensor(0, dtype=torch.uint8),
-        }
-    packed, state = bnbf.quantize_4bit(
-        w,
-        blocksize=BLOCKSIZE_4BIT,
-        compress_statistics=True,
-        quant_type=method,
-        quant_storage=torch.uint8,
-    )
-    out = {name: packed.contiguous()}
-    for k, v in state.as_dict(packed=True).items():
-        out[f"{name}.{k}"] = v.contiguous()
-    return out
+    return convert_format(method).quantize_tensor(name, w, compute_dtype)
 
 
 def bnb_quantization_config(method: str, compute_dtype: torch.dtype) -> dict:
     """The ``quantization_config`` block transformers writes for this method."""
-    from transformers import BitsAndBytesConfig
-
-    if method == "int8":
-        qc = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        qc = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=method,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-    return qc.to_dict()
+    return convert_format(method).quantization_config(compute_dtype)
 
 
 def estimate_output_bytes(entries: list[TensorEntry], method: str) -> int:
@@ -264,10 +232,7 @@ def estimate_output_bytes(entries: list[TensorEntry], method: str) -> int:
     for e in entries:
         numel = e.nbytes // ST_ITEMSIZE[e.dtype]
         if should_quantize(e.name, e.shape):
-            if method == "int8":
-                total += numel + 4 * e.shape[0] + 1
-            else:  # 4 bits per weight, 1 byte absmax per 64-block (double quant), small fixed state
-                total += numel // 2 + numel // BLOCKSIZE_4BIT + 1500
+            total += convert_format(method).stored_bytes(numel, e.shape[0])
         else:
             total += e.nbytes
     return total

@@ -6,6 +6,8 @@ import contextlib
 import json
 import sys
 
+from ..formats import convert_methods
+
 
 def add_convert_args(p) -> None:
     """The arguments shared by `zlocal convert` and scripts/convert.py."""
@@ -14,7 +16,7 @@ def add_convert_args(p) -> None:
     p.add_argument(
         "--method",
         required=True,
-        choices=["nf4", "fp4", "int8", "gptq4", "gptq8"],
+        choices=list(convert_methods()),
         help="bitsandbytes nf4/fp4/int8 (streaming, low memory) or GPTQ 4/8-bit (calibrated)",
     )
     p.add_argument(

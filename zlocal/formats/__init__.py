@@ -7,25 +7,37 @@ returns the object; no caller compares format names.
 """
 
 from .base import WeightFormat
+from .gptq import GPTQ
 from .registry import (
     FORMATS,
+    HEAD_FORMAT,
+    checkpoint_format,
+    convert_format,
+    convert_methods,
     cpu_format_beside,
     dense_format,
     formats_for_checkpoint,
     formats_on_load,
     get_format,
     quantization_config_for,
+    quantized_on_load,
     source_format,
 )
 
 __all__ = [
     "FORMATS",
+    "GPTQ",
+    "HEAD_FORMAT",
     "WeightFormat",
+    "checkpoint_format",
+    "convert_format",
+    "convert_methods",
     "cpu_format_beside",
     "dense_format",
     "formats_for_checkpoint",
     "formats_on_load",
     "get_format",
     "quantization_config_for",
+    "quantized_on_load",
     "source_format",
 ]

@@ -29,6 +29,11 @@ class WeightFormat:
     dense: bool = False
     zlocal_kernel: bool = False
     grouped: bool = False  # per-group scales whose group size the plan states
+    # `zlocal convert --method` names that write checkpoints in this format, with their bits
+    convert_methods: tuple[tuple[str, int], ...] = ()
+    # the ``quant_method`` of the quantization_config its checkpoints carry (None: not a saved format)
+    quant_method: str | None = None
+    label: str = ""  # how reports name the checkpoints' family ("bitsandbytes", "GPTQ")
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         """Resident bytes of one (out_f, in_f) Linear weight."""
@@ -49,6 +54,12 @@ class WeightFormat:
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         """Whether the planner may quantize a full-precision checkpoint into this format at load."""
         return False
+
+    def build_linear(self, module, weight, *, dtype, device: str, group_size: int):
+        """The module that runs ``weight`` (a full-precision checkpoint tensor for ``module``, an
+        ``nn.Linear`` on the meta device) in this format on ``device``, quantized now; or None to
+        keep ``module`` a plain Linear (full-precision formats, shapes the kernels do not take)."""
+        return None
 
     def bits_of(self, source_bits: int | None) -> int:
         """Bits per weight: the checkpoint's own (formats with several widths) or the format's."""

@@ -8,9 +8,67 @@ from dataclasses import dataclass
 from .base import WeightFormat
 
 
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        from ..errors import DependencyError
+
+        raise DependencyError(
+            "this plan quantizes GPU layers with bitsandbytes; pip install bitsandbytes"
+        ) from exc
+    return bnb
+
+
+BLOCKSIZE_4BIT = 64  # what transformers/bitsandbytes use for Params4bit by default
+
+
 @dataclass(frozen=True)
 class BnbInt8(WeightFormat):
     """int8 codes with an fp32 scale per output row."""
+
+    def quantize_tensor(self, name: str, w, compute_dtype) -> dict:
+        """The state-dict entries transformers saves for weight ``name`` (a full-precision tensor)."""
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))  # as bitsandbytes' Int8Params does
+        prefix = name[: -len("weight")]
+        # transformers saves the 'row' layout as code 0 (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)
+        return {
+            name: cb.contiguous(),
+            prefix + "SCB": scb.float().contiguous(),
+            prefix + "weight_format": torch.tensor(0, dtype=torch.uint8),
+        }
+
+    def quantization_config(self, compute_dtype) -> dict:
+        """The ``quantization_config`` block transformers writes for checkpoints in this format."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True).to_dict()
+
+    def stored_bytes(self, numel: int, out_features: int) -> int:
+        """Bytes a converted weight of ``numel`` elements takes on disk (with its scales)."""
+        return numel + 4 * out_features + 1
+
+    def build_linear(self, module, weight, *, dtype, device: str, group_size: int):
+        if device == "cpu":
+            return None  # on the CPU only checkpoints stored in it run in it
+        import torch
+
+        bnb = _bnb()
+        new = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(
+            weight.to(torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+        return new
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         return out_f * in_f + out_f * 4
@@ -28,6 +86,58 @@ class Bnb4bit(WeightFormat):
 
     offered_on_load: bool = False
 
+    def quantize_tensor(self, name: str, w, compute_dtype) -> dict:
+        """The state-dict entries transformers saves for weight ``name`` (a full-precision tensor)."""
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        packed, state = bnbf.quantize_4bit(
+            w,
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=True,
+            quant_type=self.name,
+            quant_storage=torch.uint8,
+        )
+        out = {name: packed.contiguous()}
+        for k, v in state.as_dict(packed=True).items():
+            out[f"{name}.{k}"] = v.contiguous()
+        return out
+
+    def quantization_config(self, compute_dtype) -> dict:
+        """The ``quantization_config`` block transformers writes for checkpoints in this format."""
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.name,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        ).to_dict()
+
+    def stored_bytes(self, numel: int, out_features: int) -> int:
+        """4 bits per weight, 1 byte absmax per 64-block (double quant), a small fixed state."""
+        return numel // 2 + numel // BLOCKSIZE_4BIT + 1500
+
+    def build_linear(self, module, weight, *, dtype, device: str, group_size: int):
+        if device == "cpu":
+            return None  # on the CPU only checkpoints stored in it run in it
+        bnb = _bnb()
+        new = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type=self.name,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.to(dtype), requires_grad=False, compress_statistics=True, quant_type=self.name
+        ).to(device)
+        return new
+
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         n = out_f * in_f
         blocks = math.ceil(n / 64)
@@ -42,6 +152,20 @@ class Bnb4bit(WeightFormat):
 
 
 # From the anchors: bitsandbytes NF4 ~12 vs GPTQ ~21 tok/s on one GPU, LLM.int8 ~6.5 vs fp16 ~30.
-BNB_INT8 = BnbInt8("bnb-int8", 8, quality=0.99, gpu_share=0.12)
-NF4 = Bnb4bit("nf4", 4, quality=0.94, gpu_share=0.35, offered_on_load=True)
-FP4 = Bnb4bit("fp4", 4, quality=0.92, gpu_share=0.35)
+_BNB = "bitsandbytes"
+BNB_INT8 = BnbInt8(
+    "bnb-int8", 8, quality=0.99, gpu_share=0.12, convert_methods=(("int8", 8),), quant_method=_BNB, label=_BNB
+)
+NF4 = Bnb4bit(
+    "nf4",
+    4,
+    quality=0.94,
+    gpu_share=0.35,
+    convert_methods=(("nf4", 4),),
+    quant_method=_BNB,
+    label=_BNB,
+    offered_on_load=True,
+)
+FP4 = Bnb4bit(
+    "fp4", 4, quality=0.92, gpu_share=0.35, convert_methods=(("fp4", 4),), quant_method=_BNB, label=_BNB
+)

@@ -15,8 +15,24 @@ from .base import WeightFormat
 INT4_ROWS = 16
 
 
+class _CpuKernelFormat(WeightFormat):
+    """Shared by int8 and int4: quantized on load into zlocal.cpu_quant's modules."""
+
+    def build_linear(self, module, weight, *, dtype, device: str, group_size: int):
+        import torch
+
+        from ..cpu_quant import can_quantize, quantize_linear
+
+        if device != "cpu" or not can_quantize(tuple(weight.shape), self.bits, group_size):
+            return None
+        new = quantize_linear(weight, None, self.bits, dtype, group_size)
+        if module.bias is not None:  # filled when the bias tensor arrives
+            new.register_buffer("bias", torch.empty(new.out_features, dtype=dtype))
+        return new
+
+
 @dataclass(frozen=True)
-class CpuInt8(WeightFormat):
+class CpuInt8(_CpuKernelFormat):
     """int8 codes, one scale per output row (in the compute dtype)."""
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
@@ -30,7 +46,7 @@ class CpuInt8(WeightFormat):
 
 
 @dataclass(frozen=True)
-class CpuInt4(WeightFormat):
+class CpuInt4(_CpuKernelFormat):
     """Packed 4-bit codes, a scale and a zero point per group of input weights."""
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:

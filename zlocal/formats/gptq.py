@@ -26,4 +26,13 @@ class Gptq(WeightFormat):
         return self.bits if source_bits is None else source_bits
 
 
-GPTQ = Gptq("gptq", 4, quality=0.96, gpu_share=0.6, grouped=True)
+GPTQ = Gptq(
+    "gptq",
+    4,
+    quality=0.96,
+    gpu_share=0.6,
+    grouped=True,
+    convert_methods=(("gptq4", 4), ("gptq8", 8)),
+    quant_method="gptq",
+    label="GPTQ",
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import PlanError
+from ..errors import InvalidArgumentError, PlanError
 from .base import WeightFormat
 from .bnb import BNB_INT8, FP4, NF4
 from .cpu_int import INT4, INT8
@@ -14,7 +14,28 @@ FORMATS: dict[str, WeightFormat] = {
     f.name: f for f in (FP32, BF16, FP16, INT8, INT4, BNB_INT8, NF4, FP4, GPTQ)
 }
 
+# An output layer quantized apart from the decoder layers runs on zlocal's per-channel int8 kernel.
+HEAD_FORMAT = INT8.name
+
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+# `zlocal convert --method` name -> (the format it writes, bits), in the order the CLI lists them.
+CONVERT_METHODS: dict[str, tuple[WeightFormat, int]] = {
+    method: (f, bits) for f in (NF4, FP4, BNB_INT8, GPTQ) for method, bits in f.convert_methods
+}
+
+
+def convert_format(method: str) -> WeightFormat:
+    """The format ``zlocal convert --method METHOD`` writes."""
+    if method not in CONVERT_METHODS:
+        raise InvalidArgumentError(f"--method must be one of {', '.join(CONVERT_METHODS)}; got {method!r}")
+    return CONVERT_METHODS[method][0]
+
+
+def convert_methods(quant_method: str | None = None) -> dict[str, int]:
+    """``zlocal convert`` methods and their bits; only those writing ``quant_method`` checkpoints
+    (e.g. "bitsandbytes", "gptq") when given."""
+    return {m: bits for m, (f, bits) in CONVERT_METHODS.items() if quant_method in (None, f.quant_method)}
 
 
 def get_format(name: str) -> WeightFormat:
@@ -33,14 +54,31 @@ def dense_format(dtype: str) -> WeightFormat:
     return fmt
 
 
+def _quant_method(quantization_config: dict) -> str:
+    # transformers' config objects hold a str enum (QuantizationMethod.GPTQ), whose str() is its name
+    method = quantization_config.get("quant_method", "")
+    return str(getattr(method, "value", method)).lower()
+
+
 def source_format(quantization_config: dict) -> tuple[str, int]:
     """(format name, bits) of an already-quantized checkpoint's ``quantization_config``."""
-    method = str(quantization_config.get("quant_method", "")).lower()
+    method = _quant_method(quantization_config)
     if method == "bitsandbytes":
         if quantization_config.get("load_in_4bit"):
             return str(quantization_config.get("bnb_4bit_quant_type", "nf4")), 4
         return BNB_INT8.name, 8
     return GPTQ.name, int(quantization_config.get("bits", 4))
+
+
+def checkpoint_format(quantization_config: dict | None) -> WeightFormat | None:
+    """The format of a checkpoint with this ``quantization_config`` (None: full precision, or a
+    quantization method zlocal does not know)."""
+    if not quantization_config:
+        return None
+    known = {f.quant_method for f in FORMATS.values() if f.quant_method}
+    if _quant_method(quantization_config) not in known:
+        return None
+    return get_format(source_format(quantization_config)[0])
 
 
 def quantization_config_for(name: str, bits: int) -> dict:
@@ -65,10 +103,16 @@ def cpu_format_beside(gpu_format: str) -> str:
     return max(fits, key=lambda f: f.bits).name
 
 
+def quantized_on_load(kernels: dict, device: str) -> list[str]:
+    """Formats this machine can quantize a full-precision checkpoint into at load on ``device``,
+    in ``FORMATS`` order (``kernels``: HardwareReport.kernels; {} assumes PyTorch's defaults)."""
+    return [n for n, f in FORMATS.items() if f.quantized_on_load(kernels, device)]
+
+
 def formats_on_load(kernels: dict, dense: str, device: str) -> list[str]:
-    """Formats a full-precision checkpoint can run in on ``device``: its own dtype, then those the
-    machine can quantize into at load, in ``FORMATS`` order."""
-    return [dense] + [n for n, f in FORMATS.items() if f.quantized_on_load(kernels, device)]
+    """Formats a full-precision checkpoint can run in on ``device``: its own dtype, then
+    ``quantized_on_load``."""
+    return [dense, *quantized_on_load(kernels, device)]
 
 
 def formats_for_checkpoint(kernels: dict, quantization_config: dict, device: str) -> list[str]:
