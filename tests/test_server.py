@@ -17,6 +17,7 @@ from tests.server_helpers import ServerProcess, shared_server, sse_events, tiny_
 openai = pytest.importorskip("openai")
 
 HI = [{"role": "user", "content": "Say hi."}]
+MODEL = "tiny-zephyr-v1"  # the served id: other names are a 404 model_not_found
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_health_and_models_show_a_name_not_a_path(server):
 
 def test_same_seed_same_text_streaming_or_not(server):
     c = client(server)
-    kw = dict(model="anything", messages=HI, temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
+    kw = dict(model=MODEL, messages=HI, temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
     first = c.chat.completions.create(**kw)
     again = c.chat.completions.create(**kw)
     chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
@@ -87,7 +88,7 @@ def test_same_seed_same_text_streaming_or_not(server):
 def test_answer_matches_the_runtime_in_process(server, tiny_runtime):
     """The server adds nothing and loses nothing: greedy text equals the embedded runtime's."""
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
-    got = client(server).chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=20)
+    got = client(server).chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=20)
     want = tiny_runtime.chat_completion(msgs, temperature=0, max_new_tokens=20)
     assert got.choices[0].message.content == want.text
     assert got.usage.prompt_tokens == want.prompt_tokens
@@ -97,11 +98,13 @@ def test_answer_matches_the_runtime_in_process(server, tiny_runtime):
 
 def test_stop_string_and_max_completion_tokens(server):
     c = client(server)
-    full = c.chat.completions.create(model="m", messages=HI, temperature=0, max_completion_tokens=16)
+    full = c.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_completion_tokens=16)
     text = full.choices[0].message.content
     assert full.usage.completion_tokens == 16 and full.choices[0].finish_reason == "length"
     stop = text[len(text) // 2 :][:3]
-    cut = c.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=16, stop=[stop, "\x00"])
+    cut = c.chat.completions.create(
+        model=MODEL, messages=HI, temperature=0, max_tokens=16, stop=[stop, "\x00"]
+    )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -151,9 +154,16 @@ BAD = {
     "invalid utf-8": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', None),
     "messages not a list": ({"messages": {"role": "user"}}, "messages"),
     "empty messages": ({"messages": []}, "messages"),
-    "missing messages": ({"model": "m"}, "messages"),
+    "missing messages": ({"model": MODEL}, "messages"),
     "unknown role": ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    "list content": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content"),
+    "text part without text": (
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages[0].content[0].text",
+    ),
+    "image part": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0].type",
+    ),
     "null content": ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     "number content": ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     "max_tokens 0": ({"messages": HI, "max_tokens": 0}, "max_tokens"),
@@ -169,10 +179,13 @@ BAD = {
     "seed too large": ({"messages": HI, "seed": 2**70}, "seed"),
     "prompt longer than context": ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
     "prompt + max_tokens over context": ({"messages": HI, "max_tokens": 500}, "max_tokens"),
-    "n > 1": ({"messages": HI, "n": 2}, "n"),
+    "n > 4": ({"messages": HI, "n": 5}, "n"),
+    "n 0": ({"messages": HI, "n": 0}, "n"),
     "tools": ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "json mode": ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
-    "logprobs": ({"messages": HI, "logprobs": True}, "logprobs"),
+    "top_logprobs > 20": ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "top_logprobs without logprobs": ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    "logprobs not bool": ({"messages": HI, "logprobs": 3}, "logprobs"),
     "unknown field": ({"messages": HI, "max_token": 5}, "max_token"),
 }
 
@@ -193,7 +206,7 @@ def test_bad_requests_get_400_error_objects(server, name):
 
 def test_server_survives_bad_input_and_openai_client_sees_400(server):
     with pytest.raises(openai.BadRequestError) as info:
-        client(server).chat.completions.create(model="m", messages=HI, max_tokens=10_000)
+        client(server).chat.completions.create(model=MODEL, messages=HI, max_tokens=10_000)
     assert info.value.code == "context_length_exceeded"
     wrong = httpx.get(server.url("/v1/chat/completions"))
     assert wrong.status_code == 405 and "error" in wrong.json()
@@ -207,7 +220,7 @@ def test_parallel_clients_all_get_complete_correct_answers(server):
 
     def ask(p):
         r = c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=10
+            model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=10
         )
         return r.choices[0].message.content, r.usage.completion_tokens
 
@@ -282,7 +295,7 @@ def test_full_queue_answers_429_and_drains_after_disconnects(server):
         assert over.status_code == 429
         assert over.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(openai.RateLimitError):
-            client(server).chat.completions.create(model="m", messages=HI, max_tokens=4)
+            client(server).chat.completions.create(model=MODEL, messages=HI, max_tokens=4)
         for r in [running, *waiting]:
             r.close()
     wait_for(lambda: (s := stats(server))["waiting"] == 0 and not s["running"])
@@ -368,7 +381,7 @@ def test_api_key_guards_every_route_but_health(secured):
     assert httpx.get(secured.url("/v1/models"), headers=good).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         client(secured, api_key="wrong").models.list()
-    out = client(secured, api_key="s3cret").chat.completions.create(model="m", messages=HI, max_tokens=3)
+    out = client(secured, api_key="s3cret").chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
     assert out.usage.completion_tokens <= 3
 
 

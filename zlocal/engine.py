@@ -32,7 +32,8 @@ from .detok import IncrementalDecoder, StopStringFilter
 from .errors import ContextOverflowError, InvalidArgumentError
 from .fastpath import FastForward, unsupported_reason
 from .kvcache import KVCache
-from .sampling import SamplingParams, make_generator, sample
+from .logprobs import TokenLogprob, token_logprob
+from .sampling import SamplingParams, adjusted_logits, make_generator, sample, sample_adjusted
 
 
 @dataclass
@@ -48,6 +49,7 @@ class GenerationResponse:
     generation_tps: float = 0.0
     time_to_first_token: float = 0.0
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last response
+    logprob: TokenLogprob | None = None  # of ``token``, only when SamplingParams.logprobs is set
 
 
 # Aligned prefill chunk: the most a request re-prefills beyond what it shares with the cache (see
@@ -80,6 +82,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _pick(logits, params: SamplingParams, seen, rng) -> tuple[int, TokenLogprob | None]:
+    """The next token, and its logprobs when asked for (the default path computes nothing extra)."""
+    if not params.logprobs:
+        return sample(logits, params, seen, rng), None
+    # The same adjusted logits feed the draw and the reported distribution (see zlocal.logprobs).
+    adjusted = adjusted_logits(logits, params, seen)
+    token = sample_adjusted(adjusted, params, rng)
+    return token, token_logprob(adjusted, token, params.top_logprobs)
 
 
 class Engine:
@@ -219,7 +231,9 @@ class Engine:
         t_decode = time.perf_counter()
         finish = "length"
 
-        def response(text: str, token: int | None, reason: str | None = None) -> GenerationResponse:
+        def response(
+            text: str, token: int | None, reason: str | None = None, lp: TokenLogprob | None = None
+        ) -> GenerationResponse:
             elapsed = time.perf_counter() - t_decode
             return GenerationResponse(
                 text=text,
@@ -231,13 +245,14 @@ class Engine:
                 generation_tps=(generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0,
                 time_to_first_token=t_first,
                 finish_reason=reason,
+                logprob=lp,
             )
 
         while True:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            token = sample(logits, params, seen if penalize else None, rng)
+            token, lp = _pick(logits, params, seen if penalize else None, rng)
             if generated == 0:
                 t_first = time.perf_counter() - t0
                 t_decode = time.perf_counter()
@@ -248,7 +263,7 @@ class Engine:
             self.stats.generated_tokens += 1
             text = stopper.feed(decoder.push(token))
             # One response per token, even when it completes no character yet (token ids stay whole).
-            yield response(text, token)
+            yield response(text, token, lp=lp)
             if stopper.stopped:
                 finish = "stop"
                 break

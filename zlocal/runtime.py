@@ -17,6 +17,7 @@ from typing import Any
 from .engine import Engine, GenerationResponse
 from .errors import BusyError, CheckpointError, ContextOverflowError, InvalidArgumentError
 from .loader import load_config, load_for_runtime
+from .logprobs import TokenTexts, chat_entry, legacy_logprobs
 from .resolve import DEFAULT_MODEL, ResolvedModel, resolve_model
 from .sampling import SamplingParams
 from .template import ChatTemplate, build_template, validate_messages
@@ -39,6 +40,11 @@ class Completion:
     generation_tps: float
     time_to_first_token: float
     total_time: float
+    # With logprobs=True: one OpenAI chat ``logprobs.content`` entry per generated token
+    # ({token, logprob, bytes, top_logprobs}), and the same data in the legacy text-completion
+    # shape ({tokens, token_logprobs, top_logprobs, text_offset}). None otherwise.
+    logprobs: list[dict[str, Any]] | None = None
+    text_logprobs: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -105,6 +111,14 @@ class Runtime:
         self.engine = Engine(model, tokenizer, info.max_context, template.stop_token_ids)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
+        self._token_texts: TokenTexts | None = None
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Token id -> (text, bytes) as logprobs report them (built on first use, then cached)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        return self._token_texts
 
     # -- prompt building -------------------------------------------------------------------------
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -161,8 +175,12 @@ class Runtime:
         return self.stream_tokens(self.encode_chat(messages), **sampling)
 
     def chat_completion(self, messages: Sequence[dict[str, str]], **sampling) -> Completion:
-        """Generate the assistant's reply and return it with counts and timings."""
-        return self._collect(self.stream_chat(messages, **sampling))
+        """Generate the assistant's reply and return it with counts and timings.
+
+        ``logprobs=True`` (and ``top_logprobs=k``, 0..20) fills ``Completion.logprobs`` with what the
+        server's ``choices[0].logprobs.content`` holds; see zlocal.logprobs for the distribution.
+        """
+        return self._collect(self.stream_chat(messages, **sampling), bool(sampling.get("logprobs")))
 
     def chat(self, messages: Sequence[dict[str, str]], **sampling) -> str:
         """Return the assistant's reply to ``messages`` as a string."""
@@ -174,18 +192,26 @@ class Runtime:
         return self.stream_tokens(ids, **sampling)
 
     def generate(self, prompt: str | Sequence[int], **sampling) -> Completion:
-        """Complete a raw text prompt (no chat template); returns text, token ids, counts, timings."""
-        return self._collect(self.stream_generate(prompt, **sampling))
+        """Complete a raw text prompt (no chat template); returns text, token ids, counts, timings.
 
-    @staticmethod
-    def _collect(stream: Iterator[GenerationResponse]) -> Completion:
+        With ``logprobs=True`` (``top_logprobs=k``), ``Completion.text_logprobs`` holds what the
+        server's /v1/completions ``choices[0].logprobs`` holds (and ``logprobs`` the chat shape).
+        """
+        return self._collect(self.stream_generate(prompt, **sampling), bool(sampling.get("logprobs")))
+
+    def _collect(self, stream: Iterator[GenerationResponse], want_logprobs: bool) -> Completion:
         t0 = time.perf_counter()
-        parts, ids, last = [], [], None
+        parts, ids, last, lps, offsets, chars = [], [], None, [], [], 0
         for r in stream:
+            if r.logprob is not None:
+                lps.append(r.logprob)
+                offsets.append(chars)  # where the token's text starts, as far as decoded
+            chars += len(r.text)
             parts.append(r.text)
             if r.token is not None:
                 ids.append(r.token)
             last = r
+        texts = self.token_texts
         return Completion(
             text="".join(parts),
             token_ids=ids,
@@ -197,6 +223,8 @@ class Runtime:
             generation_tps=last.generation_tps,
             time_to_first_token=last.time_to_first_token,
             total_time=time.perf_counter() - t0,
+            logprobs=[chat_entry(texts, lp) for lp in lps] if want_logprobs else None,
+            text_logprobs=legacy_logprobs(texts, lps, offsets) if want_logprobs else None,
         )
 
     def session(self, system: str | None = None, truncate: str = "oldest") -> ChatSession:

@@ -9,6 +9,9 @@ import torch
 
 from .errors import InvalidArgumentError
 
+# The most alternatives one token's logprobs may list (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +30,10 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Report each chosen token's log-probability, and the top_logprobs most likely alternatives
+    # (see zlocal.logprobs for which distribution). Off by default: nothing extra is computed.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,10 +55,20 @@ class SamplingParams:
             ),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) for s in self.stop), "a string or list of strings"),
+            ("logprobs", isinstance(self.logprobs, bool), "true or false"),
+            (
+                "top_logprobs",
+                isinstance(self.top_logprobs, int)
+                and not isinstance(self.top_logprobs, bool)
+                and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"an integer in 0..{MAX_TOP_LOGPROBS}",
+            ),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise InvalidArgumentError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgumentError("top_logprobs needs logprobs=True")
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +101,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(0, seen, picked)
 
 
+def adjusted_logits(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logits the filters start from: float32, repetition penalty applied, divided by the
+    temperature (not when greedy: argmax needs no scaling and a tiny temperature would overflow)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if not params.greedy:
+        logits = logits / params.temperature
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -91,12 +121,16 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> int:
     """Pick the next token from a 1-D logits vector."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    return sample_adjusted(adjusted_logits(logits, params, seen), params, generator)
+
+
+def sample_adjusted(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> int:
+    """Pick the next token from logits already through ``adjusted_logits``: argmax when greedy,
+    else top-k, min-p and top-p filtering, then a draw from what is left."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

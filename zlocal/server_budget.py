@@ -22,6 +22,7 @@ from .server_schema import (
     APIError,
     DetokenizeRequest,
     TokenizeRequest,
+    check_content,
     decode_json_object,
     plain_messages,
     validate_model,
@@ -67,14 +68,27 @@ def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def tokenize_json(runtime, raw: bytes, token_budget: int = TOKEN_BUDGET) -> bytes:
-    """POST /tokenize: the body in, the JSON answer out; 413 when over the size or token budget."""
+def _check_model(name: str | None, served: tuple[str, ...] | None) -> None:
+    if served is not None:
+        from .server_completions import check_model  # it imports this module
+
+        check_model(name, served)
+
+
+def tokenize_json(
+    runtime, raw: bytes, token_budget: int = TOKEN_BUDGET, served: tuple[str, ...] | None = None
+) -> bytes:
+    """POST /tokenize: the body in, the JSON answer out; 413 when over the size or token budget.
+    ``served``: the model names a request may give (404 for others; None: any)."""
     req = validate_model(TokenizeRequest, decode_json_object(raw))
+    _check_model(req.model, served)
+    if req.messages is not None:
+        check_content(req.messages)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(
             400, "send exactly one of 'prompt' or 'messages'", param="prompt", code="invalid_value"
         )
-    chars = len(req.prompt) if req.prompt is not None else sum(len(m.content) for m in req.messages)
+    chars = len(req.prompt) if req.prompt is not None else sum(len(m.text) for m in req.messages)
     max_chars = CHARS_PER_TOKEN * token_budget
     if chars > max_chars:
         param = "prompt" if req.prompt is not None else "messages"
@@ -95,8 +109,11 @@ def tokenize_json(runtime, raw: bytes, token_budget: int = TOKEN_BUDGET) -> byte
     return _dumps({"tokens": ids, "count": len(ids), "max_context": runtime.max_context})
 
 
-def detokenize_json(runtime, raw: bytes, token_budget: int = TOKEN_BUDGET) -> bytes:
-    """POST /detokenize: the body in, the JSON answer out; 413 over the token budget."""
+def detokenize_json(
+    runtime, raw: bytes, token_budget: int = TOKEN_BUDGET, served: tuple[str, ...] | None = None
+) -> bytes:
+    """POST /detokenize: the body in, the JSON answer out; 413 over the token budget (``served``:
+    as for tokenize_json)."""
     data = decode_json_object(raw)
     tokens = data.get("tokens")
     # Before pydantic copies the list: a huge list is refused with its size, not validated item by item.
@@ -105,6 +122,7 @@ def detokenize_json(runtime, raw: bytes, token_budget: int = TOKEN_BUDGET) -> by
         err.param = "tokens"
         raise err
     req = validate_model(DetokenizeRequest, data)
+    _check_model(req.model, served)
     del data, tokens
     vocab = len(runtime.tokenizer)
     bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)

@@ -7,7 +7,11 @@ The runtime generates one answer at a time. Requests wait here in arrival order;
 tokenizing runs on one "prep" thread in arrival order, so concurrent big bodies cannot pile up
 intermediate data in memory outside the queue. Each job has its own cancel event: a client that
 goes away sets it, and the engine stops before the next token. Outputs travel to the request's
-event loop with ``call_soon_threadsafe``.
+event loop with ``call_soon_threadsafe``; server_responses turns them into JSON or SSE.
+
+A job may ask for ``runs`` choices (OpenAI's ``n``): the worker generates them one after another
+within the job's one place in the queue, choice ``i`` with seed ``seed + i`` when a seed is given
+(``choice_sampling``), so each choice is reproducible on its own and the choices differ.
 """
 
 from __future__ import annotations
@@ -17,19 +21,14 @@ import collections
 import concurrent.futures
 import contextlib
 import itertools
-import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-
 from .errors import ZlocalError
-from .server_schema import APIError, redact
+from .server_schema import redact
 
 log = logging.getLogger("zlocal.server")
 
@@ -88,7 +87,8 @@ class Job:
     tag: str = ""  # the completion id shown to the client
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
-    tokens: int = 0  # generated so far (worker thread writes, event loop reads)
+    runs: int = 1  # choices to generate one after another (OpenAI's n)
+    tokens: int = 0  # generated so far, all choices (worker thread writes, event loop reads)
     checks_at_cancel: int | None = None
     finish_reason: str | None = None
 
@@ -102,6 +102,14 @@ class Job:
         # RuntimeError: the event loop is closed, nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+def choice_sampling(sampling: dict[str, Any], index: int) -> dict[str, Any]:
+    """Sampling kwargs of choice ``index`` of a request: seed + index when a seed is given (the
+    server checked that the last one still fits the seed range)."""
+    if index == 0 or sampling.get("seed") is None:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + index}
 
 
 class GenerationQueue:
@@ -163,11 +171,16 @@ class GenerationQueue:
         return fn(*args)
 
     def submit(
-        self, prompt_ids: list[int], sampling: dict[str, Any], tag: str = "", ticket: Ticket | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: dict[str, Any],
+        tag: str = "",
+        ticket: Ticket | None = None,
+        runs: int = 1,
     ) -> Job:
-        """Queue a job; raise QueueFullError or ShuttingDownError instead of waiting. An admitted
-        request's ``ticket`` becomes the job's place (it was counted already)."""
-        job = Job(list(prompt_ids), dict(sampling), asyncio.get_running_loop(), tag=tag)
+        """Queue a job of ``runs`` choices; raise QueueFullError or ShuttingDownError instead of
+        waiting. An admitted request's ``ticket`` becomes the job's place (it was counted already)."""
+        job = Job(list(prompt_ids), dict(sampling), asyncio.get_running_loop(), tag=tag, runs=max(1, runs))
         with self._cond:
             if ticket is not None and ticket.held:
                 ticket.held = False
@@ -243,17 +256,27 @@ class GenerationQueue:
                     self.running = None
                 job._put(DONE)
 
+    def _generate(self, job: Job) -> None:
+        """The job's choices one after another; each one's last response carries its finish_reason."""
+        before = 0
+        for index in range(job.runs):
+            sampling = choice_sampling(job.sampling, index)
+            for resp in self.runtime.stream_tokens(job.prompt_ids, cancel=job.cancel, **sampling):
+                job.tokens = before + resp.generation_tokens
+                if resp.finish_reason is not None:
+                    job.finish_reason = resp.finish_reason
+                job._put(resp)
+            before = job.tokens
+            if job.finish_reason == "cancelled":
+                return
+
     def _run(self, job: Job) -> None:
         job.started_at = time.monotonic()
         if job.checks_at_cancel is not None:  # the client left while waiting: never start it
             job.finish_reason = "cancelled"
         else:
             try:
-                for resp in self.runtime.stream_tokens(job.prompt_ids, cancel=job.cancel, **job.sampling):
-                    job.tokens = resp.generation_tokens
-                    if resp.finish_reason is not None:
-                        job.finish_reason = resp.finish_reason
-                    job._put(resp)
+                self._generate(job)
             except ZlocalError as exc:  # e.g. the prompt no longer fits: the client's problem
                 job.finish_reason = "error"
                 job._put(JobError(str(exc), "invalid_request_error", 400))
@@ -282,129 +305,3 @@ class GenerationQueue:
                     "run_s": round(time.monotonic() - job.started_at, 4),
                 }
             )
-
-
-# -- the asyncio side: SSE stream and whole-answer collection ----------------------------------------
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-def _chunk(cid: str, model: str, created: int, delta: dict, finish: str | None) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _final_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-async def stream_job(
-    queue: GenerationQueue, job, cid: str, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """SSE body. A disconnect cancels the job (the generator is closed at its current await)."""
-    created = int(time.time())
-    finished = False
-    try:
-        yield _sse(_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
-        last = None
-        while True:
-            item = await job.out.get()
-            if item is DONE:
-                break
-            if isinstance(item, JobError):
-                err = APIError(item.status, item.message, type=item.kind, code="generation_error")
-                yield _sse(err.body())
-                yield b"data: [DONE]\n\n"
-                finished = True
-                return
-            last = item
-            if item.text:
-                yield _sse(_chunk(cid, model, created, {"content": item.text}, None))
-        if last is None or last.finish_reason == "cancelled":
-            err = APIError(
-                503,
-                "the generation was cancelled (server shutting down)",
-                type="server_error",
-                code="cancelled",
-            )
-            yield _sse(err.body())
-        else:
-            yield _sse(_chunk(cid, model, created, {}, _final_reason(last.finish_reason)))
-            if include_usage:
-                usage = {
-                    **_chunk(cid, model, created, {}, None),
-                    "choices": [],
-                    "usage": _usage(last.prompt_tokens, last.generation_tokens),
-                }
-                yield _sse(usage)
-        yield b"data: [DONE]\n\n"
-        finished = True
-    finally:
-        if not finished:
-            queue.abandon(job)
-
-
-async def _watch_disconnect(request: Request, queue: GenerationQueue, job) -> None:
-    while True:
-        if await request.is_disconnected():
-            queue.abandon(job)
-            return
-        # A short poll: on a small model a whole answer takes well under a second.
-        await asyncio.sleep(0.05)
-
-
-async def complete_job(queue: GenerationQueue, job, cid: str, model: str, request: Request) -> JSONResponse:
-    """Collect a whole answer; a client that hangs up still cancels its generation."""
-    watcher = asyncio.create_task(_watch_disconnect(request, queue, job))
-    parts, last, error = [], None, None
-    try:
-        while True:
-            item = await job.out.get()
-            if item is DONE:
-                break
-            if isinstance(item, JobError):
-                error = item
-                continue
-            last = item
-            parts.append(item.text)
-    finally:
-        watcher.cancel()
-        if last is None or last.finish_reason is None:
-            queue.abandon(job)
-    if error is not None:
-        raise APIError(error.status, error.message, type=error.kind, code="generation_error")
-    if last is None or last.finish_reason == "cancelled":
-        raise APIError(
-            503, "the generation was cancelled (server shutting down)", type="server_error", code="cancelled"
-        )
-    body = {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
-                "logprobs": None,
-                "finish_reason": _final_reason(last.finish_reason),
-            }
-        ],
-        "usage": _usage(last.prompt_tokens, last.generation_tokens),
-        "timings": {
-            "prompt_tps": round(last.prompt_tps, 2),
-            "generation_tps": round(last.generation_tps, 2),
-            "time_to_first_token": round(last.time_to_first_token, 4),
-            "reused_tokens": last.reused_tokens,
-        },
-    }
-    return JSONResponse(body)

@@ -27,13 +27,11 @@ IGNORED_FIELDS: tuple[str, ...] = (
 )
 
 # OpenAI fields that would change the output in ways zlocal cannot honour: accepted only with their
-# neutral value (the value shown), otherwise a 400 naming the field.
+# neutral value (the value shown), otherwise a 400 naming the field. Each request model checks the
+# ones it has.
 REJECTED_UNLESS_NEUTRAL: dict[str, str] = {
-    "n": "1",
     "frequency_penalty": "0",
     "presence_penalty": "0",
-    "logprobs": "false",
-    "top_logprobs": "null",
     "logit_bias": "{} or null",
     "tools": "[] or null",
     "tool_choice": '"none" or null',
@@ -44,7 +42,32 @@ REJECTED_UNLESS_NEUTRAL: dict[str, str] = {
     "audio": "null",
     "prediction": "null",
     "web_search_options": "null",
+    "echo": "false",
+    "suffix": "null",
+    "best_of": "1",
 }
+_NEUTRAL_VALUES: dict[str, tuple] = {
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "echo": (None, False),
+    "suffix": (None,),
+    "best_of": (None, 1),
+}
+
+# Choices one request may ask for (``n``); they are generated one after another.
+MAX_N = 4
+# Alternatives per token: top_logprobs on chat completions, logprobs on text completions (OpenAI's limits).
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Tokens one /tokenize answer or /detokenize request may hold (1 Mi: more than any local context).
@@ -98,14 +121,32 @@ def escape_control(text: str) -> str:
 
 
 # -- request models (also published in the OpenAPI schema) -------------------------------------
+class ContentPart(BaseModel):
+    """One part of a message's content given as a list. Only ``{"type": "text", "text": ...}`` is
+    served; other types (image_url, input_audio, file, ...) are refused by ``check_content``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = Field(default=None, max_length=MAX_BODY_BYTES)
+
+
 class ChatMessage(BaseModel):
-    """One chat turn. ``developer`` is accepted as a synonym of ``system``; ``name`` is ignored."""
+    """One chat turn. ``developer`` is accepted as a synonym of ``system``; ``name`` is ignored.
+    ``content`` is a string or a list of text parts (joined in order with no separator)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str = Field(max_length=MAX_BODY_BYTES)
+    content: str | list[ContentPart] = Field(max_length=MAX_BODY_BYTES)
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -126,7 +167,9 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(default=None, description="ignored: the server serves one model")
+    model: str | None = Field(
+        default=None, description="the served model's id or an alias (omitted: the model)"
+    )
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -141,12 +184,12 @@ class ChatCompletionRequest(BaseModel):
     )
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices, generated one after another")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs")
     # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
-    n: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -157,6 +200,40 @@ class ChatCompletionRequest(BaseModel):
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: a raw prompt (text, or token ids), no chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(
+        default=None, description="the served model's id or an alias (omitted: the model)"
+    )
+    prompt: str | list[int] = Field(max_length=MAX_BODY_BYTES, description="text (BOS added) or token ids")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, description="zlocal extension (0 = off)")
+    min_p: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="zlocal extension")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, allow_inf_nan=False, description="zlocal extension (1 = off)"
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices, generated one after another")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token (null: off)"
+    )
+    # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -179,7 +256,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=TOKEN_BUDGET)
 
 
-REQUEST_MODELS = (ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -210,25 +287,36 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_BRANCHES = frozenset({"str", "int", "float", "bool", "function-after", "tagged-union"})
+
+
+def _is_branch(part) -> bool:
+    """A union branch name pydantic inserts into an error location (``str``, ``list[int]``, ...)."""
+    return isinstance(part, str) and (part in _BRANCHES or "[" in part)
+
+
 def _param(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in (
-            "str",
-            "list[str]",
-            "int",
-            "float",
-            "bool",
-            "dict[str,any]",
-            "function-after",
-            "tagged-union",
-        ):
-            continue  # union branch names pydantic inserts into the location
+        elif _is_branch(part):
+            continue
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first error; when it is one branch of a union, the branch error that got furthest into
+    the input (a list of content parts with a bad part names the part, not "a valid string")."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    cut = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+    if cut is None:
+        return first
+    same = [e for e in errors if tuple(e.get("loc", ()))[:cut] == loc[:cut]]
+    return max(same, key=lambda e: len(e.get("loc", ())))
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
@@ -236,7 +324,7 @@ def validate_model(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
+        err = _first_error(exc.errors(include_url=False, include_input=False))
         param = _param(tuple(err.get("loc", ()))) or None
         kind = err.get("type", "")
         if kind == "extra_forbidden":
@@ -247,45 +335,56 @@ def validate_model(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
         raise APIError(400, msg, param=param, code="invalid_value") from exc
 
 
-def check_neutral(req: ChatCompletionRequest) -> None:
+def check_neutral(req: BaseModel) -> None:
     """400 for an unsupported OpenAI feature asked with a non-neutral value."""
-    bad: str | None = None
-    if req.n not in (None, 1):
-        bad = "n"
-    elif req.frequency_penalty not in (None, 0):
-        bad = "frequency_penalty"
-    elif req.presence_penalty not in (None, 0):
-        bad = "presence_penalty"
-    elif req.logprobs:
-        bad = "logprobs"
-    elif req.top_logprobs is not None:
-        bad = "top_logprobs"
-    elif req.logit_bias:
-        bad = "logit_bias"
-    elif req.tools:
-        bad = "tools"
-    elif req.tool_choice not in (None, "none"):
-        bad = "tool_choice"
-    elif req.functions:
-        bad = "functions"
-    elif req.function_call not in (None, "none"):
-        bad = "function_call"
-    elif req.response_format is not None and req.response_format.type != "text":
-        bad = "response_format"
-    elif req.modalities not in (None, ["text"]):
-        bad = "modalities"
-    elif req.audio is not None:
-        bad = "audio"
-    elif req.prediction is not None:
-        bad = "prediction"
-    elif req.web_search_options is not None:
-        bad = "web_search_options"
-    if bad is not None:
+    for name, neutral in _NEUTRAL_VALUES.items():
+        if name in type(req).model_fields and getattr(req, name) not in neutral:
+            _unsupported(name)
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        _unsupported("response_format")
+
+
+def _unsupported(name: str) -> None:
+    raise APIError(
+        400,
+        f"'{name}' is not supported by zlocal; omit it or set it to {REJECTED_UNLESS_NEUTRAL[name]}",
+        param=name,
+        code="unsupported_field",
+    )
+
+
+def check_content(messages: list[ChatMessage]) -> None:
+    """400 naming the first content part that is not text (or text without its ``text``)."""
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            continue
+        for j, part in enumerate(m.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type != "text":
+                raise APIError(
+                    400,
+                    f"{where}.type: content parts of type '{part.type[:40]}' are not supported; "
+                    'zlocal serves text models, send {"type": "text", "text": ...} parts',
+                    param=f"{where}.type",
+                    code="unsupported_content",
+                )
+            if part.text is None or part.model_extra:
+                extra = next(iter(part.model_extra or {}), None)
+                field = "text" if part.text is None else extra
+                raise APIError(
+                    400,
+                    f"{where}.{field}: a text part has exactly 'type' and 'text'",
+                    param=f"{where}.{field}",
+                    code="invalid_value",
+                )
+
+
+def _check_stops(stop: str | list[str] | None) -> None:
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    if len(stops) > 16 or any(len(s) > 1024 for s in stops):
         raise APIError(
-            400,
-            f"'{bad}' is not supported by zlocal; omit it or set it to {REJECTED_UNLESS_NEUTRAL[bad]}",
-            param=bad,
-            code="unsupported_field",
+            400, "stop: at most 16 strings of at most 1024 characters", param="stop", code="invalid_value"
         )
 
 
@@ -296,17 +395,27 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         data.pop(name, None)
     req = validate_model(ChatCompletionRequest, data)
     check_neutral(req)
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    if len(stops) > 16 or any(len(s) > 1024 for s in stops):
-        raise APIError(
-            400, "stop: at most 16 strings of at most 1024 characters", param="stop", code="invalid_value"
-        )
+    check_content(req.messages)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, 'top_logprobs needs "logprobs": true', param="top_logprobs", code="invalid_value")
+    _check_stops(req.stop)
+    return req
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    """The same for /v1/completions."""
+    data = decode_json_object(raw)
+    for name in IGNORED_FIELDS:
+        data.pop(name, None)
+    req = validate_model(CompletionRequest, data)
+    check_neutral(req)
+    _check_stops(req.stop)
     return req
 
 
 def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Role/content dicts for the chat template (``developer`` becomes ``system``)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
 
 
 def openapi_components() -> dict[str, Any]:

@@ -51,6 +51,14 @@ def register(sub) -> None:
         default=None,
         help="max_tokens when a request gives none (default: what the context leaves)",
     )
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another model name requests may use (repeatable), e.g. gpt-4o-mini for a client that "
+        "hard-codes one; /v1/models lists it. Other names get 404 model_not_found",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -115,6 +123,11 @@ def run(args) -> int:
             f"--cors-origin {bad[:100]!r} is not an origin; write scheme://host[:port], "
             "e.g. http://localhost:3000"
         )
+    bad_alias = next((a for a in args.alias if not a.strip() or len(a) > 256), None)
+    if bad_alias is not None:
+        raise InvalidArgumentError(
+            f"--alias {bad_alias[:100]!r}: give a non-empty name of at most 256 characters"
+        )
     if args.api_key is not None and not args.api_key.strip():
         raise InvalidArgumentError("--api-key is empty")
     _setup_logging(args.log_level)
@@ -129,6 +142,7 @@ def run(args) -> int:
         cors_origins=args.cors_origin,
         host=args.host,
         default_max_tokens=args.default_max_tokens,
+        aliases=args.alias,
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -140,7 +154,8 @@ def run(args) -> int:
         )
     print(
         f"zlocal serve: {name} on http://{shown}:{port}/v1 "
-        f"(context {runtime.max_context}, queue {args.max_queue}, auth {'on' if args.api_key else 'off'})",
+        f"(context {runtime.max_context}, queue {args.max_queue}, auth {'on' if args.api_key else 'off'}"
+        + (f", aliases {', '.join(args.alias)})" if args.alias else ")"),
         file=sys.stderr,
         flush=True,
     )
