@@ -86,6 +86,9 @@ def test_completion_streams_sse_ending_with_done(server):
         t for e in chunks if e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["tokens"]
     ]
     assert streamed == whole["choices"][0]["logprobs"]["tokens"]
+    for e in chunks:  # each token's logprob travels with its text, not all at the end
+        if e["choices"][0]["text"]:
+            assert "".join(e["choices"][0]["logprobs"]["tokens"]) == e["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert events[-2]["usage"] == whole["usage"]
     # the official client assembles the same text
@@ -93,6 +96,25 @@ def test_completion_streams_sse_ending_with_done(server):
         model=MODEL, prompt="Hello", max_tokens=6, temperature=0, stream=True
     )
     assert "".join(p.choices[0].text for p in parts if p.choices) == whole["choices"][0]["text"]
+
+
+def test_streamed_logprobs_of_tokens_held_back_by_a_stop_string(server):
+    """A stop string spanning two tokens: the first token's text is held back (it might start the
+    stop), the second completes it; neither text is ever sent, their logprobs still are."""
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    full = post(server, "/v1/completions", body).json()["choices"][0]
+    tokens, offsets = full["logprobs"]["tokens"], full["logprobs"]["text_offset"]
+    stop = tokens[5] + tokens[6]
+    assert tokens[5] and stop not in full["text"][: offsets[5] + len(tokens[5]) - 1]
+    cut = post(server, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["logprobs"]["tokens"] == tokens[:7]
+    with httpx.stream(
+        "POST", server.url("/v1/completions"), json={**body, "stop": [stop], "stream": True}
+    ) as r:
+        events = sse_events(r.iter_lines())
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == cut["text"] == full["text"][: offsets[5]]
+    assert [t for c in chunks if c["logprobs"] for t in c["logprobs"]["tokens"]] == tokens[:7]
 
 
 # -- n: choices one after another, choice i with seed + i -------------------------------------------------

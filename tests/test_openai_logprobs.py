@@ -114,6 +114,12 @@ def test_streamed_logprobs_equal_the_whole_answer(server):
     ]
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole.choices[0].logprobs.content]
     assert len(streamed) == whole.usage.completion_tokens
+    # each token's entry travels with its text, not all at the end
+    for ch in chunks:
+        if ch.choices and ch.choices[0].delta.content:
+            entries = ch.choices[0].logprobs.content
+            joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace")
+            assert entries and joined.lstrip(" ") == ch.choices[0].delta.content.lstrip(" ")
 
 
 def test_no_logprobs_unless_asked(server):
