@@ -100,7 +100,7 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, tiny_zephyr, plan):
     import shutil
 
     from zlocal.bench import cpu_plan
-    from zlocal.plan import save_plan
+    from zlocal.loadplan import save_plan
 
     d = tmp_path / "broken"
     shutil.copytree(tiny_zephyr, d)

@@ -17,8 +17,9 @@ from tests.test_cpu_quant import auto_plan
 from zlocal import cli, loader
 from zlocal.errors import PlanError
 from zlocal.hardware import CpuInfo, HardwareReport, hardware_from_profile, list_profiles
+from zlocal.loadplan import LoadPlan, load_plan, save_plan
 from zlocal.memory import GIB, ModelShape
-from zlocal.plan import LoadPlan, load_plan, make_plan, save_plan, step_down
+from zlocal.plan import make_plan, step_down
 
 ZEPHYR = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
 MACHINES = sorted({**list_profiles("gpu"), **list_profiles("cpu")})
@@ -154,6 +155,32 @@ def test_invalid_plan_json(tmp_path, change):
     data.pop("bits")
     with pytest.raises(PlanError, match="missing bits"):
         LoadPlan.from_dict(data)
+
+
+def test_plan_files_are_versioned():
+    p = make_plan(HW["cpu-laptop-16gb"], ZEPHYR, ctx=2048)
+    data = p.to_dict()
+    assert data["plan_version"] == 2
+    v1 = {k: v for k, v in data.items() if k != "plan_version"}  # what earlier versions wrote
+    assert LoadPlan.from_dict(v1) == p
+    with pytest.raises(PlanError, match="plan_version 3 is not one this zlocal reads"):
+        LoadPlan.from_dict({**data, "plan_version": 3})
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"weights_format": "int8"}, "weights_format is 'int8' but the layers are planned in 'int4'"),
+        ({"cpu_format": "q3_k", "weights_format": "q3_k"}, "unknown weights format 'q3_k'"),
+        ({"cpu_format": None}, "without a format"),
+        ({"quantize_on_load": False}, "quantize_on_load is False but its formats say True"),
+    ],
+)
+def test_hand_edited_plan_that_contradicts_itself_is_refused(change, needle):
+    p = make_plan(HW["cpu-laptop-16gb"], ZEPHYR, ctx=2048)
+    assert (p.cpu_format, p.gpu_layers, p.quantize_on_load) == ("int4", 0, True)
+    with pytest.raises(PlanError, match=needle):
+        LoadPlan.from_dict({**p.to_dict(), **change})
 
 
 def test_cli_plan_json_keys(capsys, tmp_path):

@@ -177,8 +177,9 @@ def plan_for(
     prefer: str = "quality",
 ):
     """Turn the ``plan`` argument ("auto", a LoadPlan, or a plan JSON path) into a checked LoadPlan."""
+    from .loadplan import LoadPlan, load_plan
     from .memory import ModelShape
-    from .plan import LoadPlan, load_plan, make_plan
+    from .plan import make_plan
 
     shape = ModelShape.from_config(config)
     if isinstance(plan, LoadPlan):

@@ -10,11 +10,7 @@ that, the plan says it does not fit instead of pretending.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from .errors import PlanError
 from .formats import (
@@ -27,6 +23,7 @@ from .formats import (
     source_format,
 )
 from .hardware import HardwareReport
+from .loadplan import LoadPlan
 from .memory import DTYPE_BYTES, GIB, MIB, ModelShape, estimate, kv_bytes_per_layer
 
 MIN_CONTEXT = 512
@@ -51,118 +48,6 @@ _DTYPE_FORMAT = {
     "float16": "fp16",
     "fp16": "fp16",
 }
-
-
-@dataclass
-class LoadPlan:
-    """How a model will be loaded and run. The first eleven fields are the documented contract."""
-
-    weights_format: str
-    bits: int
-    gpu_layers: int
-    cpu_layers: int
-    kv_cache_dtype: str
-    max_context: int
-    compute_dtype: str
-    estimated_vram_bytes: int
-    estimated_ram_bytes: int
-    predicted_decode_tok_s: float
-    reasons: list[str] = field(default_factory=list)
-    # extras
-    fits: bool = True
-    model: str = ""
-    hardware: str = ""
-    gpu_format: str | None = None
-    cpu_format: str | None = None
-    group_size: int = 128
-    quantize_on_load: bool = False
-    gpu_device: str | None = None
-    usable_vram_bytes: int = 0
-    usable_ram_bytes: int = 0
-    quality: float = 1.0
-    source_quantized: bool = False
-    # "int8": lm_head on the CPU int8 kernel (plans with every layer on the CPU in int8 or int4).
-    head_format: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LoadPlan:
-        """Rebuild a plan; PlanError naming the problem when keys or types are wrong."""
-        if not isinstance(data, dict):
-            raise PlanError("a plan must be a JSON object")
-        known = {f.name: f for f in fields(cls)}
-        required = [f.name for f in fields(cls)][:10]
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise PlanError(
-                f"plan is missing {', '.join(missing)}; write one with `zlocal plan MODEL --json`"
-            )
-        kwargs = {k: v for k, v in data.items() if k in known}
-        for key in (
-            "bits",
-            "gpu_layers",
-            "cpu_layers",
-            "max_context",
-            "estimated_vram_bytes",
-            "estimated_ram_bytes",
-        ):
-            if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool) or kwargs[key] < 0:
-                raise PlanError(f"plan field {key} must be a non-negative integer, got {kwargs[key]!r}")
-        if kwargs["max_context"] < 1:
-            raise PlanError("plan field max_context must be at least 1")
-        if not isinstance(kwargs.get("reasons", []), list):
-            raise PlanError("plan field reasons must be a list of strings")
-        if kwargs.get("head_format") not in (None, HEAD_FORMAT):
-            raise PlanError(
-                f'plan field head_format must be null or "{HEAD_FORMAT}", got {kwargs["head_format"]!r}'
-            )
-        return cls(**kwargs)
-
-    def summary(self) -> str:
-        """Human-readable plan for ``zlocal plan``."""
-        lines = [
-            f"model: {self.model}   hardware: {self.hardware}",
-            f"fits: {'yes' if self.fits else 'NO'}",
-            f"weights: {self.weights_format} ({self.bits}-bit)"
-            + (", quantized on load" if self.quantize_on_load else ""),
-            f"layers: {self.gpu_layers} on GPU ({self.gpu_format or '-'}), {self.cpu_layers} on CPU "
-            f"({self.cpu_format or '-'})",
-            f"compute dtype: {self.compute_dtype}   "
-            f"KV cache: {self.kv_cache_dtype}, {self.max_context} tokens",
-            f"VRAM: {self.estimated_vram_bytes / GIB:.2f} GiB of {self.usable_vram_bytes / GIB:.2f} usable   "
-            f"RAM: {self.estimated_ram_bytes / GIB:.2f} GiB of {self.usable_ram_bytes / GIB:.2f} usable",
-            f"predicted decode: {self.predicted_decode_tok_s:.1f} tok/s",
-        ]
-        return "\n".join(lines + [f"- {r}" for r in self.reasons])
-
-
-def save_plan(plan: LoadPlan, path: str | os.PathLike) -> Path:
-    """Write the plan JSON atomically (temp file + rename)."""
-    dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(plan.to_json())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def load_plan(path: str | os.PathLike) -> LoadPlan:
-    """Read a plan JSON written by ``zlocal plan --json`` or ``save_plan``."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read plan {p.name}: {exc.__class__.__name__}: {exc}") from exc
-    return LoadPlan.from_dict(data)
 
 
 # -- the planner ---------------------------------------------------------------------------------

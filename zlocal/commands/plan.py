@@ -60,8 +60,9 @@ def model_shape(model: str):
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgumentError, PlanError
     from ..hardware import HardwareReport, hardware_from_profile, profile_machine
+    from ..loadplan import save_plan
     from ..memory import GIB
-    from ..plan import make_plan, save_plan
+    from ..plan import make_plan
 
     if args.max_vram is not None and args.max_vram <= 0:
         raise InvalidArgumentError(f"--max-vram must be > 0 GB, got {args.max_vram}")
