@@ -14,6 +14,7 @@ import torch
 
 import zlocal
 from zlocal.engine import DEFAULT_PREFILL_CHUNK, HISTORY_LEN
+from zlocal.errors import InvalidArgumentError
 
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
@@ -150,3 +151,13 @@ def test_smollm2_int4_session_turns_equal_cold_requests(smollm2_int4, monkeypatc
     # replies of 16+ tokens cross a chunk boundary: reusing their decode-written positions would
     # show (the decode kernel and the prompt GEMM round differently)
     _check_session(smollm2_int4, 16, monkeypatch, max_new_tokens=24)
+
+
+def test_empty_prompt_is_refused_and_keeps_the_cache(tiny_runtime):
+    e = tiny_runtime.engine
+    e.reset()
+    ids = list(range(5, 5 + 2 * e.prefill_chunk))
+    e.prefill(ids)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        e.prefill([])
+    assert e.cached_ids == ids and e.exact_len == 2 * e.prefill_chunk

@@ -129,3 +129,13 @@ def test_checkpoint_format_reads_transformers_config_objects():
     assert checkpoint_format(qc) is get_format("gptq")
     assert checkpoint_format({"quant_method": "awq"}) is None and checkpoint_format(None) is None
     assert checkpoint_format(quantization_config_for("fp4", 4)) is get_format("fp4")
+
+
+def test_checkpoint_format_of_incomplete_configs():
+    # fields a config may leave null: the defaults of the method, never a crash
+    assert checkpoint_format({"quant_method": "gptq", "bits": None}) is get_format("gptq")
+    assert source_format({"quant_method": "gptq", "bits": None}) == ("gptq", 4)
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": None}
+    assert checkpoint_format(nf4) is get_format("nf4")
+    odd = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int3"}
+    assert checkpoint_format(odd) is None

@@ -259,9 +259,21 @@ def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
         return real(resolved, config, lp)
 
     monkeypatch.setattr(loader, "load_with_plan", flaky)
+    import zlocal.plan
+
+    machines = []
+    real_step = zlocal.plan.step_down
+
+    def step(plan, shape, hw=None):
+        machines.append(hw)
+        return real_step(plan, shape, hw)
+
+    monkeypatch.setattr(zlocal.plan, "step_down", step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rt = zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
+    # the smaller plan is made for this machine (its kernels decide where a quantized model may go)
+    assert len(machines) == 1 and isinstance(machines[0], HardwareReport)
     # a CPU plan already at the smallest context gives up bits next
     assert len(calls) == 2 and rt.info.dtype == "bfloat16" and rt.max_context == 512
     assert "out of memory" in rt.plan.reasons[-1] and "CPU weights fp32 -> bf16" in rt.plan.reasons[-1]
@@ -341,10 +353,18 @@ def test_decode_kernel_cuts_the_per_layer_overhead():
     # and small ops), 3.7 ms on the one-call decode kernel; a 7B is bound by its weight reads instead
     from zlocal.plan import _Budget, _Spec, predict_tok_s
 
-    small = ModelShape.from_config(dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-    ))
+    small = ModelShape.from_config(
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
+    )
 
     def predict(fmt: str, own: bool, compute: str = "bf16") -> float:
         spec = _Spec(small, _Budget(0, 16 * GIB, 0.0, 30.0, 2, own), compute, None, 32)
@@ -381,3 +401,16 @@ def test_step_down_keeps_the_source_quantization(source):
         assert s.source_quantized and not s.quantize_on_load and s.head_format is None
         assert s.gpu_layers in (0, ZEPHYR.num_layers)
     assert seen[-1].max_context == 512 and "out of memory" in seen[-1].reasons[-1]
+
+
+def test_step_down_of_a_quantized_gpu_plan_stays_where_the_format_runs():
+    hw = HW["rtx-3060-12gb"]
+    gpu_only = dataclasses.replace(
+        hw, kernels={**hw.kernels, "gptqmodel_marlin": True, "gptqmodel_torch": False}
+    )
+    p = make_plan(gpu_only, ZEPHYR, ctx=4096, source_quant={"quant_method": "gptq", "bits": 4})
+    assert (p.gpu_layers, p.weights_format) == (ZEPHYR.num_layers, "gptq")
+    # no CPU kernel for GPTQ here, and an unknown machine is not assumed to have one: halve the context
+    for machine in (gpu_only, None):
+        nxt = step_down(p, ZEPHYR, machine)
+        assert (nxt.gpu_layers, nxt.max_context, nxt.weights_format) == (ZEPHYR.num_layers, 2048, "gptq")

@@ -56,6 +56,9 @@ class GenerationResponse:
 # the module docstring). Past the int8/int4 block-wise GEMM crossovers (24-32 tokens) so full chunks
 # take the fast prompt path.
 DEFAULT_PREFILL_CHUNK = 128
+# On a GPU a forward costs launches and per-call weight work (bitsandbytes, GPTQ) rather than
+# bandwidth, so prompts go in larger chunks there; alignment makes any fixed size deterministic.
+CUDA_PREFILL_CHUNK = 512
 # Calls whose (reused, prefilled) counts ``EngineStats.history`` keeps: a server makes one per
 # request for its whole life, so an unbounded list would grow without end.
 HISTORY_LEN = 64
@@ -103,7 +106,7 @@ class Engine:
         tokenizer,
         max_context: int,
         stop_token_ids: Sequence[int] = (),
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
         fast: bool = True,
     ):
         self.model = model
@@ -116,9 +119,11 @@ class Engine:
         # Cache positions [0, exact_len) were written by full prefill chunks aligned to prefill_chunk:
         # the only ones a later request may reuse (see the module docstring).
         self.exact_len = 0
-        self._chunk = max(1, int(prefill_chunk))
         self.stats = EngineStats()
         self.input_device = model.get_input_embeddings().weight.device
+        if prefill_chunk is None:
+            prefill_chunk = CUDA_PREFILL_CHUNK if self.input_device.type == "cuda" else DEFAULT_PREFILL_CHUNK
+        self._chunk = max(1, int(prefill_chunk))
         # The lean forward when the model allows it; the HF forward otherwise (and as the reference).
         self.fast = None
         self.fast_reason = unsupported_reason(model) if fast else "disabled"
@@ -188,6 +193,8 @@ class Engine:
 
         The logits are bit-identical to a cold prefill of ``prompt_ids`` (empty cache).
         """
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty: give at least one token")
         reuse = self.reusable(prompt_ids)
         self.cache.truncate(reuse)
         del self.cached_ids[reuse:]

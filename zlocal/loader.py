@@ -277,7 +277,8 @@ def load_for_runtime(
                 raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
             del loaded
             _free_memory()
-            smaller = step_down(lp, shape, hardware)
+            # the machine's kernels and bandwidths decide what the smaller plan may use
+            smaller = step_down(lp, shape, hardware or current_hardware("cpu" if not lp.gpu_layers else None))
             if smaller is None:
                 raise PlanError(
                     f"{resolved.name}: out of memory even with the smallest plan "

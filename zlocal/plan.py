@@ -432,7 +432,8 @@ def _step_down_quantized(
     device (GPU -> CPU) and the context can give."""
     fmt = plan.gpu_format or plan.cpu_format or plan.weights_format
     source = _source_quant_of(plan)
-    on_cpu = hw is None or fmt in _formats(hw, plan.compute_dtype, source)[1]
+    # without the machine's kernels, do not assume the CPU runs the format: keep the device
+    on_cpu = hw is not None and fmt in _formats(hw, plan.compute_dtype, source)[1]
     g, ctx = plan.gpu_layers, plan.max_context
     if g > 0 and on_cpu:
         change = f"gpu_layers {g} -> 0 (a quantized checkpoint loads whole on one device)"

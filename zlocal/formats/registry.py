@@ -65,9 +65,9 @@ def source_format(quantization_config: dict) -> tuple[str, int]:
     method = _quant_method(quantization_config)
     if method == "bitsandbytes":
         if quantization_config.get("load_in_4bit"):
-            return str(quantization_config.get("bnb_4bit_quant_type", "nf4")), 4
+            return str(quantization_config.get("bnb_4bit_quant_type") or NF4.name), 4
         return BNB_INT8.name, 8
-    return GPTQ.name, int(quantization_config.get("bits", 4))
+    return GPTQ.name, int(quantization_config.get("bits") or GPTQ.bits)
 
 
 def checkpoint_format(quantization_config: dict | None) -> WeightFormat | None:
@@ -78,7 +78,7 @@ def checkpoint_format(quantization_config: dict | None) -> WeightFormat | None:
     known = {f.quant_method for f in FORMATS.values() if f.quant_method}
     if _quant_method(quantization_config) not in known:
         return None
-    return get_format(source_format(quantization_config)[0])
+    return FORMATS.get(source_format(quantization_config)[0])  # None: a 4-bit type zlocal lacks
 
 
 def quantization_config_for(name: str, bits: int) -> dict:
