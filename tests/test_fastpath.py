@@ -205,7 +205,7 @@ def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype=dtype, max_context=256)
     kind = Int8WeightOnlyLinear if fmt == "int8" else Int4WeightOnlyLinear
     # the fast path keeps bound forward methods of the (fused) modules
-    qkv, gate_up = (getattr(p, "__self__", p) for p in (rt.engine.fast.layers[0][i] for i in (2, 7)))
+    qkv, _, gate_up, _ = rt.engine.fast.layers[0].projection_modules()
     assert type(gate_up) is kind  # one kernel call for gate/up (128 rows each)
     mlp = rt.model.model.layers[0].mlp
     assert mlp.gate_proj.weight.data_ptr() == gate_up.weight.data_ptr()  # views, not copies

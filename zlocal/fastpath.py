@@ -17,6 +17,9 @@ none of the ~40 Python-level ops per layer (SmolLM2-135M int4: 10.0 -> 3.7 ms pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +262,42 @@ def _fuse_quantized(linears: list):
     return fused
 
 
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer as the lean forward and the one-call decode kernel consume it."""
+
+    input_norm: torch.Tensor
+    input_eps: float
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # fused q/k/v projection
+    o: Callable[[torch.Tensor], torch.Tensor]
+    attn_scale: float
+    post_norm: torch.Tensor
+    post_eps: float
+    gate_up: Callable[[torch.Tensor], torch.Tensor]  # fused gate/up projection
+    down: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerWeights:
+        """Fuse and collect the weights of one HF Llama/Mistral decoder layer."""
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(
+            input_norm=layer.input_layernorm.weight,
+            input_eps=layer.input_layernorm.variance_epsilon,
+            qkv=_projection(attn, ["q_proj", "k_proj", "v_proj"]),
+            o=_projection(attn, ["o_proj"]),
+            attn_scale=attn.scaling,
+            post_norm=layer.post_attention_layernorm.weight,
+            post_eps=layer.post_attention_layernorm.variance_epsilon,
+            gate_up=_projection(mlp, ["gate_proj", "up_proj"]),
+            down=_projection(mlp, ["down_proj"]),
+        )
+
+    def projection_modules(self) -> list[nn.Module | None]:
+        """The module behind each projection (qkv, o, gate_up, down) where it is one module's
+        forward (quantized kernels: what the decode kernel reads), else None."""
+        return [getattr(f, "__self__", None) for f in (self.qkv, self.o, self.gate_up, self.down)]
+
+
 class FastForward:
     """Decode/prefill forward writing into a KVCache; returns last-position logits."""
 
@@ -284,22 +323,7 @@ class FastForward:
             self.lm_head = model.lm_head.full_forward
         else:
             self.lm_head = _dense(head.weight)
-        self.layers = []
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                (
-                    layer.input_layernorm.weight,
-                    layer.input_layernorm.variance_epsilon,
-                    _projection(attn, ["q_proj", "k_proj", "v_proj"]),
-                    _projection(attn, ["o_proj"]),
-                    attn.scaling,
-                    layer.post_attention_layernorm.weight,
-                    layer.post_attention_layernorm.variance_epsilon,
-                    _projection(mlp, ["gate_proj", "up_proj"]),
-                    _projection(mlp, ["down_proj"]),
-                )
-            )
+        self.layers = [LayerWeights.of(layer) for layer in model.model.layers]
         self._stack = None
         self.stack_reason = self._stack_reason()
         weight = self.embed.weight
@@ -321,7 +345,7 @@ class FastForward:
             return "needs bf16 weights on the CPU"
         if self.heads % self.kv_heads:
             return "query heads not a multiple of K/V heads"
-        if not all(hasattr(lay[i], "__self__") for lay in self.layers for i in (2, 3, 7, 8)):
+        if any(m is None for lay in self.layers for m in lay.projection_modules()):
             return "needs every projection on zlocal's int4/int8 kernels"  # some are not one module
         if cpu_kernels.kernels() is None:
             return cpu_kernels.kernel_status()
@@ -331,12 +355,12 @@ class FastForward:
         from .cpu_kernels import StackLayer
 
         out = []
-        for i, (w_in, eps_in, qkv, o, _, w_post, eps_post, gate_up, down) in enumerate(self.layers):
-            layer = self.cache.layers[i]
-            keys, values = (None, None) if empty else (layer.keys, layer.values)
+        for lay, cached in zip(self.layers, self.cache.layers, strict=True):
+            qkv, o, gate_up, down = lay.projection_modules()
+            keys, values = (None, None) if empty else (cached.keys, cached.values)
             out.append(
-                StackLayer(w_in, eps_in, qkv.__self__, o.__self__, w_post, eps_post, gate_up.__self__,
-                           down.__self__, keys, values)
+                StackLayer(lay.input_norm, lay.input_eps, qkv, o, lay.post_norm, lay.post_eps, gate_up,
+                           down, keys, values)
             )
         return out
 
@@ -351,7 +375,7 @@ class FastForward:
                     layer.lazy_initialization(probe, probe)
             self._stack = DecodeStack(
                 kernels(), self._stack_layers(), heads=self.heads, kv_heads=self.kv_heads,
-                head_dim=self.head_dim, window=self.window, scale=self.layers[0][4],
+                head_dim=self.head_dim, window=self.window, scale=self.layers[0].attn_scale,
             )
         h = self.embed.weight[token].clone()
         self._stack(h, start, self.cos[start], self.sin[start])
@@ -394,11 +418,10 @@ class FastForward:
             mask = k_pos <= q_pos
             if self.window:
                 mask = mask & (k_pos > q_pos - self.window)
-        for i, (w_in, eps_in, qkv_proj, o_proj, scale, w_post, eps_post, gate_up, down) in enumerate(
-            self.layers
-        ):
-            x = self._rms(h, w_in, eps_in)
-            qkv = qkv_proj(x).view(1, t, nq + 2 * nkv, d)
+        for i, lay in enumerate(self.layers):
+            scale = lay.attn_scale
+            x = self._rms(h, lay.input_norm, lay.input_eps)
+            qkv = lay.qkv(x).view(1, t, nq + 2 * nkv, d)
             qk = self._rope(qkv[:, :, : nq + nkv], cos, sin)
             q = qk[:, :, :nq].transpose(1, 2)
             k = qk[:, :, nq:].transpose(1, 2)
@@ -426,9 +449,9 @@ class FastForward:
                     q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
                 )
             o = o.view(1, 1, nq * d) if t == 1 else o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, -1)
-            h = h + o_proj(o)
-            x = self._rms(h, w_post, eps_post)
-            gate, up = gate_up(x).chunk(2, dim=-1)
-            h = h + down(F.silu(gate) * up)
+            h = h + lay.o(o)
+            x = self._rms(h, lay.post_norm, lay.post_eps)
+            gate, up = lay.gate_up(x).chunk(2, dim=-1)
+            h = h + lay.down(F.silu(gate) * up)
         h = self._rms(h[:, -1:], self.norm.weight, self.norm.variance_epsilon)
         return self.lm_head(h)[0, -1]
