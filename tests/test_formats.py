@@ -48,6 +48,7 @@ def test_bytes_per_layer_shape():
     # groups fall back to a size dividing the input width; rows the int4 layouts cannot pack stay dense
     assert int4.linear_bytes(4096, 96, compute_bytes=2, bits=4, group_size=128) == 4096 * 48 + 3 * 4096 * 4
     assert int4.linear_bytes(1000, 4096, compute_bytes=2, bits=4, group_size=128) == 1000 * 4096 * 2
+    assert int4.linear_bytes(4096, 1000, compute_bytes=2, bits=4, group_size=128) == 4096 * 1000 * 2
     gptq = get_format("gptq")
     assert gptq.bits_of(8) == 8 and gptq.bits_of(None) == 4 and get_format("int8").bits_of(4) == 8
 

@@ -10,10 +10,6 @@ from dataclasses import dataclass
 
 from .base import WeightFormat
 
-# Output rows the int4 layouts pack together: layers with other row counts stay in the compute
-# dtype, as the quantizer leaves them (zlocal.cpu_quant.torch_int4_supported).
-INT4_ROWS = 16
-
 
 class _CpuKernelFormat(WeightFormat):
     """Shared by int8 and int4: quantized on load into zlocal.cpu_quant's modules."""
@@ -50,9 +46,12 @@ class CpuInt4(_CpuKernelFormat):
     """Packed 4-bit codes, a scale and a zero point per group of input weights."""
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
-        if out_f % INT4_ROWS:
+        # as the quantizer does: shapes no int4 layout takes stay in the compute dtype
+        from ..cpu_quant import can_quantize, int4_group_size
+
+        if not can_quantize((out_f, in_f), 4, group_size):
             return out_f * in_f * compute_bytes
-        g = _divisor_group(in_f, group_size)
+        g = int4_group_size(in_f, group_size)
         return out_f * in_f // 2 + (in_f // g) * out_f * 2 * compute_bytes
 
     def _cpu_share_per_core(self, own_kernels: bool) -> float:
@@ -65,13 +64,6 @@ class CpuInt4(_CpuKernelFormat):
 
     def runs_on(self, kernels: dict, device: str) -> bool:
         return device == "cpu"
-
-
-def _divisor_group(in_f: int, preferred: int) -> int:
-    for g in (128, 64, 32):
-        if g <= preferred and in_f % g == 0:
-            return g
-    return preferred
 
 
 INT8 = CpuInt8("int8", 8, quality=0.995, smaller_on_cpu="int4", zlocal_kernel=True)
