@@ -161,7 +161,28 @@ class ResponseFormat(BaseModel):
     type: str
 
 
-class ChatCompletionRequest(BaseModel):
+class _SamplingRequest(BaseModel):
+    """The sampling fields chat and text completions share (each endpoint adds its own)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, description="zlocal extension (0 = off)")
+    min_p: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="zlocal extension")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, allow_inf_nan=False, description="zlocal extension (1 = off)"
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices, generated one after another")
+    # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Fields not listed here, in IGNORED_FIELDS or in
     REJECTED_UNLESS_NEUTRAL are answered with a 400 naming the field."""
 
@@ -175,22 +196,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, description="zlocal extension (0 = off)")
-    min_p: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="zlocal extension")
-    repetition_penalty: float | None = Field(
-        default=None, gt=0, le=10, allow_inf_nan=False, description="zlocal extension (1 = off)"
-    )
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices, generated one after another")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs")
     # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -202,7 +210,7 @@ class ChatCompletionRequest(BaseModel):
     web_search_options: dict[str, Any] | None = None
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_SamplingRequest):
     """POST /v1/completions: a raw prompt (text, or token ids), no chat template."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -214,16 +222,6 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, description="zlocal extension (0 = off)")
-    min_p: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="zlocal extension")
-    repetition_penalty: float | None = Field(
-        default=None, gt=0, le=10, allow_inf_nan=False, description="zlocal extension (1 = off)"
-    )
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = Field(default=None, description="up to 16 strings")
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="choices, generated one after another")
     logprobs: int | None = Field(
         default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token (null: off)"
     )
@@ -231,9 +229,6 @@ class CompletionRequest(BaseModel):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 class TokenizeRequest(BaseModel):
