@@ -268,6 +268,62 @@ def default_group_size(shape: ModelShape) -> int:
     return 128 if shape.hidden_size >= 2048 else 32
 
 
+def _compute_dtype(hw: HardwareReport, dtype: str | None) -> tuple[str, str]:
+    """(compute dtype, the plan line saying why): as asked, else what the GPU runs fast, else bf16."""
+    gpu = hw.gpu
+    if dtype is not None:
+        if dtype not in _DTYPE_FORMAT:
+            raise PlanError(f"dtype must be one of {', '.join(_DTYPE_FORMAT)}, got {dtype!r}")
+        compute = _DTYPE_FORMAT[dtype]
+        return compute, f"compute dtype {compute} as requested"
+    if gpu is not None:
+        compute = "bf16" if gpu.bf16 else "fp16"
+        return compute, f"compute dtype {compute}: compute capability {gpu.compute_capability or '?'}" + (
+            " >= 8.0" if gpu.bf16 else " < 8.0 has no fast bf16"
+        )
+    return "bf16", "compute dtype bf16 on the CPU (half the bytes of fp32; decode is bandwidth-bound)"
+
+
+def _fit_context(spec: _Spec, want: int, hw: HardwareReport, prefer: str, keep_dtype: bool):
+    """(context, candidates, chosen plan or None, why): halve the context until a plan is chosen
+    or MIN_CONTEXT is reached."""
+    ctx = want
+    while True:
+        cands = _candidates(spec, ctx, hw)
+        chosen, why = _choose(cands, spec.budget, prefer, keep_dtype=keep_dtype)
+        if chosen is not None or ctx <= MIN_CONTEXT or ctx <= 1:
+            return ctx, cands, chosen, why
+        ctx = max(MIN_CONTEXT, ctx // 2)
+
+
+def _placement_reasons(shape: ModelShape, p: LoadPlan, on_gpu_machine: bool) -> list[str]:
+    """The plan lines saying where the layers go and in what form."""
+    reasons: list[str] = []
+    if p.gpu_layers == shape.num_layers:
+        reasons.append(f"all {p.gpu_layers} layers fit on the GPU in {p.gpu_format}")
+    elif p.gpu_layers:
+        reasons.append(
+            f"{p.gpu_layers} of {shape.num_layers} layers fit on the GPU in {p.gpu_format}; the other "
+            f"{p.cpu_layers} run on the CPU in {p.cpu_format} with zlocal's fused kernels"
+        )
+    else:
+        why = "; nothing fits on the GPU" if on_gpu_machine else ""
+        reasons.append(f"all layers on the CPU in {p.cpu_format}{why}")
+    grouped = [f for f in (p.gpu_format, p.cpu_format) if f and get_format(f).grouped]
+    if grouped and not p.source_quantized:
+        reasons.append(f"{grouped[0]} uses groups of {p.group_size} weights (scale + zero per group)")
+    if p.cpu_layers and p.cpu_format and get_format(p.cpu_format).zlocal_kernel:
+        reasons += _kernel_fallbacks(shape, p)
+    if p.head_format:
+        reasons.append(
+            "lm_head on the int8 kernel (per-channel, as llama.cpp keeps its output layer at 8 bits): "
+            "it reads half the bytes of the dense head every token"
+        )
+    if p.quantize_on_load:
+        reasons.append("quantized on load from the full-precision checkpoint (streamed tensor by tensor)")
+    return reasons
+
+
 def make_plan(
     hw: HardwareReport,
     shape: ModelShape,
@@ -299,31 +355,13 @@ def make_plan(
         bool(hw.kernels.get("zlocal_int4_cpu")),
     )
     gpu = hw.gpu
-    if dtype is not None:
-        if dtype not in _DTYPE_FORMAT:
-            raise PlanError(f"dtype must be one of {', '.join(_DTYPE_FORMAT)}, got {dtype!r}")
-        compute = _DTYPE_FORMAT[dtype]
-        why_dtype = f"compute dtype {compute} as requested"
-    elif gpu is not None:
-        compute = "bf16" if gpu.bf16 else "fp16"
-        why_dtype = f"compute dtype {compute}: compute capability {gpu.compute_capability or '?'}" + (
-            " >= 8.0" if gpu.bf16 else " < 8.0 has no fast bf16"
-        )
-    else:
-        compute = "bf16"
-        why_dtype = "compute dtype bf16 on the CPU (half the bytes of fp32; decode is bandwidth-bound)"
+    compute, why_dtype = _compute_dtype(hw, dtype)
     if source_quant:
         group_size = int(source_quant.get("group_size") or group_size or 128)
     elif group_size is None:
         group_size = default_group_size(shape)
     spec = _Spec(shape, b, compute, source_quant, group_size, prefill_chunk)
-    ctx_try, cands, chosen, why = want, [], None, ""
-    while True:
-        cands = _candidates(spec, ctx_try, hw)
-        chosen, why = _choose(cands, b, prefer, keep_dtype=dtype is not None)
-        if chosen is not None or ctx_try <= MIN_CONTEXT or ctx_try <= 1:
-            break
-        ctx_try = max(MIN_CONTEXT, ctx_try // 2)
+    ctx_try, cands, chosen, why = _fit_context(spec, want, hw, prefer, keep_dtype=dtype is not None)
     where = f"{gpu.name} with {vram / GIB:.1f} GiB usable VRAM, " if gpu else "no GPU, "
     where += f"{ram / GIB:.1f} GiB usable RAM"
     if chosen is None:
@@ -342,29 +380,7 @@ def make_plan(
     reasons = [where, why_dtype, f"chose: {why}"]
     if ctx_try < want:
         reasons.append(f"context reduced from {want} to {ctx_try} tokens: nothing fits at {want}")
-    if p.gpu_layers == shape.num_layers:
-        reasons.append(f"all {p.gpu_layers} layers fit on the GPU in {p.gpu_format}")
-    elif p.gpu_layers:
-        reasons.append(
-            f"{p.gpu_layers} of {shape.num_layers} layers fit on the GPU in {p.gpu_format}; the other "
-            f"{p.cpu_layers} run on the CPU in {p.cpu_format} with zlocal's fused kernels"
-        )
-    else:
-        reasons.append(
-            f"all layers on the CPU in {p.cpu_format}" + ("" if gpu is None else "; nothing fits on the GPU")
-        )
-    grouped = [f for f in (p.gpu_format, p.cpu_format) if f and get_format(f).grouped]
-    if grouped and not p.source_quantized:
-        reasons.append(f"{grouped[0]} uses groups of {p.group_size} weights (scale + zero per group)")
-    if p.cpu_layers and p.cpu_format and get_format(p.cpu_format).zlocal_kernel:
-        reasons += _kernel_fallbacks(shape, p)
-    if p.head_format:
-        reasons.append(
-            "lm_head on the int8 kernel (per-channel, as llama.cpp keeps its output layer at 8 bits): "
-            "it reads half the bytes of the dense head every token"
-        )
-    if p.quantize_on_load:
-        reasons.append("quantized on load from the full-precision checkpoint (streamed tensor by tensor)")
+    reasons += _placement_reasons(shape, p, on_gpu_machine=gpu is not None)
     others = sorted((c for c in cands if c is not p and _fits(c, b)), key=lambda c: -c.quality)[:3]
     for c in others:
         reasons.append(
