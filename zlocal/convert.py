@@ -23,20 +23,17 @@ from typing import Any
 
 import torch
 
+from .checkpoint_io import DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, TensorEntry, read_header
 from .convert_output import TMP_MARK, check_disk, check_output, clean_stale_temp, install
 from .errors import CheckpointError, ConversionError, InvalidArgumentError, ZlocalError
 from .formats import convert_methods
 from .manifest import Manifest, library_versions, read_manifest, sha256_file, write_manifest
 from .quantize_bnb import (
     BNB_METHODS,
-    DEFAULT_MAX_SHARD_BYTES,
-    ST_DTYPES,
     ByteProgress,
-    TensorEntry,
     bnb_quantization_config,
     check_cpu_loadable,
     quantize_bnb,
-    read_header,
 )
 from .quantize_gptq import GPTAQ_ALPHA
 

@@ -14,9 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
+from .checkpoint_io import ST_ITEMSIZE, TensorEntry
 from .errors import ConversionError, VerificationError
 from .manifest import MANIFEST_NAME, read_manifest
-from .quantize_bnb import ST_ITEMSIZE, TensorEntry, estimate_output_bytes
+from .quantize_bnb import estimate_output_bytes
 
 TMP_MARK = ".zlocal-tmp-"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import cpu_kernels
+from .checkpoint_io import TensorStore
 from .cpu_quant import Int4WeightOnlyLinear
 from .formats import GPTQ, checkpoint_format
 
@@ -79,8 +80,6 @@ def _agrees(new, old, in_features: int, dtype) -> bool:
 def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int, str | None]:
     """Replace the loaded 4-bit GPTQ layers of ``model`` by zlocal int4 modules built from the
     checkpoint at ``path``; returns (layers swapped, why the others were not, or None)."""
-    from safetensors import safe_open
-
     qc = getattr(model.config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
     if checkpoint_format(qc) is not GPTQ or int(qc.get("bits") or 0) != 4:
@@ -90,36 +89,37 @@ def swap_gptq_for_cpu(model, path: str | Path, dtype: torch.dtype) -> tuple[int,
     group = int(qc.get("group_size") or 0)
     v1_zeros = stores_v1_zeros(qc)
     swapped, skipped = 0, None
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            keys = set(fh.keys())
-            for key in sorted(k for k in keys if k.endswith(".qweight")):
-                prefix = key[: -len(".qweight")]
-                qweight = fh.get_tensor(key)
-                k, n = qweight.shape[0] * 8, qweight.shape[1]
-                # before act_order, which would call per-channel (-1) groups out of order
-                if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
-                    what = "per-channel scales" if group <= 0 else f"groups of {group}"
-                    skipped = f"a {n}x{k} layer with {what} is outside the kernel's layout"
-                    continue
-                if f"{prefix}.g_idx" in keys and act_order(fh.get_tensor(f"{prefix}.g_idx"), group):
-                    skipped = "act-order (desc_act) groups"
-                    continue
-                bias = fh.get_tensor(f"{prefix}.bias") if f"{prefix}.bias" in keys else None
-                new = int4_module(
-                    qweight,
-                    fh.get_tensor(f"{prefix}.qzeros"),
-                    fh.get_tensor(f"{prefix}.scales"),
-                    group,
-                    v1_zeros,
-                    dtype,
-                    bias,
-                )
-                parent_name, _, child = prefix.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                if not _agrees(new, getattr(parent, child), k, dtype):
-                    skipped = f"{prefix} did not match the GPTQ kernel's output"
-                    continue
-                setattr(parent, child, new)
-                swapped += 1
+    store = TensorStore(Path(path))
+    try:
+        for key in sorted(k for k in store if k.endswith(".qweight")):
+            prefix = key[: -len(".qweight")]
+            qweight = store[key]
+            k, n = qweight.shape[0] * 8, qweight.shape[1]
+            # before act_order, which would call per-channel (-1) groups out of order
+            if group <= 0 or not cpu_kernels.supports_int4(n, k, group):
+                what = "per-channel scales" if group <= 0 else f"groups of {group}"
+                skipped = f"a {n}x{k} layer with {what} is outside the kernel's layout"
+                continue
+            g_idx = store.get(f"{prefix}.g_idx")
+            if g_idx is not None and act_order(g_idx, group):
+                skipped = "act-order (desc_act) groups"
+                continue
+            new = int4_module(
+                qweight,
+                store[f"{prefix}.qzeros"],
+                store[f"{prefix}.scales"],
+                group,
+                v1_zeros,
+                dtype,
+                store.get(f"{prefix}.bias"),
+            )
+            parent_name, _, child = prefix.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if not _agrees(new, getattr(parent, child), k, dtype):
+                skipped = f"{prefix} did not match the GPTQ kernel's output"
+                continue
+            setattr(parent, child, new)
+            swapped += 1
+    finally:
+        store.close()
     return swapped, skipped

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint_io import TensorStore, checkpoint_shards
 from .formats import checkpoint_format
 from .gptq_cpu import stores_v1_zeros, unpack, zero_points
-from .quantize_bnb import MappedShard, read_header
 from .tune_scales import _layer_kwargs
 
 # Architectures whose forward is exactly embed -> decoder layers -> norm -> lm_head (no embedding
@@ -66,14 +66,6 @@ def _quant_method(cfg: dict) -> str | None:
     return qc.get("quant_method")
 
 
-def _shards(path: Path) -> list[Path]:
-    from .convert import source_shards  # index-aware (ignores e.g. Mistral's consolidated.safetensors)
-
-    if not any(path.glob("*.safetensors")):
-        return []
-    return source_shards(path, "safetensors")
-
-
 def why_not_streamable(model: Path, reference: Path) -> str | None:
     """Why the streamed path cannot compare MODEL with REFERENCE, or None when it can."""
     ref_cfg, cfg = _config(reference), _config(model)
@@ -87,37 +79,9 @@ def why_not_streamable(model: Path, reference: Path) -> str | None:
     if _quant_method(cfg) is not None and checkpoint_format(cfg.get("quantization_config")) is None:
         return f"'{_quant_method(cfg)}' checkpoints are not streamed (bitsandbytes and GPTQ are)"
     for name, p in (("reference", reference), ("model", model)):
-        if not _shards(p):
+        if not checkpoint_shards(p):
             return f"the {name} has no safetensors weights"
     return None
-
-
-class TensorStore:
-    """The tensors of a checkpoint's safetensors shards by name. Each read copies one tensor out of
-    the memory map and drops its mapped pages, so the resident set stays near what the caller holds
-    instead of growing to the size of every shard it has touched."""
-
-    def __init__(self, folder: Path):
-        self._where: dict[str, MappedShard] = {}
-        self._shards = []
-        for path in _shards(folder):
-            shard = MappedShard(path, read_header(path)[0])
-            self._shards.append(shard)
-            self._where.update(dict.fromkeys(shard.entries, shard))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].tensor(name)
-
-    def names(self, prefix: str) -> list[str]:
-        """The tensor names starting with PREFIX."""
-        return [k for k in self._where if k.startswith(prefix)]
-
-    def close(self) -> None:
-        for shard in self._shards:
-            shard.close()
 
 
 def _bnb4_weight(store: TensorStore, name: str) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint_io import MappedShard, TensorStore, read_header, write_safetensors
 from .errors import ConversionError
 from .gptq_cpu import act_order, stores_v1_zeros, unpack, zero_points
 
@@ -87,35 +88,6 @@ class ScaledGptqLinear(nn.Module):
         return F.linear(x, self.weight().to(x.dtype), b)
 
 
-class _Shards:
-    """The tensors of a folder's safetensors shards by name, each shard opened (memory-mapped) once."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self._handles, self._where = [], {}
-        for f in sorted(folder.glob("*.safetensors")):
-            fh = safe_open(str(f), framework="pt", device="cpu")
-            self._handles.append(fh)
-            self._where.update(dict.fromkeys(fh.keys(), fh))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
-
-    def get(self, name: str) -> torch.Tensor | None:
-        fh = self._where.get(name)
-        return None if fh is None else fh.get_tensor(name)
-
-
 def build_student(out: Path, dtype: torch.dtype = torch.float32):
     """The checkpoint in ``out`` as a transformers model whose GPTQ layers are ScaledGptqLinear."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -128,7 +100,7 @@ def build_student(out: Path, dtype: torch.dtype = torch.float32):
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    keys = _Shards(out)
+    keys = TensorStore(out)
     prefixes = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
     if not prefixes:
         raise ConversionError(f"{out} holds no GPTQ layers (.qweight tensors) to tune")
@@ -203,7 +175,7 @@ def source_logprobs(model, src: Path, windows: torch.Tensor, progress=None) -> l
     """Log-probabilities of the source model on ``windows`` [S, T], computed with the student's
     skeleton (embeddings, norms and head are GPTQ's copies of the source's) and each decoder
     layer's linear weights streamed from SRC's safetensors, one layer at a time."""
-    src_keys = _Shards(src)
+    src_keys = TensorStore(src)
     if not src_keys:
         raise ConversionError(f"{src}: scale tuning needs safetensors source weights")
     inner = model.get_decoder()
@@ -255,20 +227,20 @@ def _heldout_kl(model, windows, refs, idx) -> float:
 
 def _write_scales(out: Path, tuned_by_prefix: dict[str, torch.Tensor]) -> None:
     """Rewrite the shards holding tuned scales (float16, same names); other tensors are copied."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     wanted = {f"{p}.scales": scales for p, scales in tuned_by_prefix.items()}
     for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt", device="cpu") as fh:
-            if wanted.keys().isdisjoint(fh.keys()):
-                continue
-            meta = fh.metadata() or {"format": "pt"}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        entries, meta = read_header(shard)
+        if wanted.keys().isdisjoint(entries):
+            continue
+        mapped = MappedShard(shard, entries)
+        try:
+            tensors = {k: mapped.tensor(k) for k in sorted(entries, key=lambda k: entries[k].start)}
+        finally:
+            mapped.close()
         for key in wanted.keys() & tensors.keys():
             tensors[key] = wanted[key].to(tensors[key].dtype).contiguous()
         part = shard.with_name(shard.name + ".part")
-        save_file(tensors, str(part), metadata=meta)
+        write_safetensors(part, tensors, meta or {"format": "pt"})
         os.replace(part, shard)
 
 
