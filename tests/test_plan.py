@@ -19,7 +19,8 @@ from zlocal.errors import PlanError
 from zlocal.hardware import CpuInfo, HardwareReport, hardware_from_profile, list_profiles
 from zlocal.loadplan import LoadPlan, load_plan, save_plan
 from zlocal.memory import GIB, ModelShape
-from zlocal.plan import make_plan, step_down
+from zlocal.plan import make_plan
+from zlocal.plan_stepdown import step_down
 
 ZEPHYR = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
 MACHINES = sorted({**list_profiles("gpu"), **list_profiles("cpu")})
@@ -259,16 +260,16 @@ def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
         return real(resolved, config, lp)
 
     monkeypatch.setattr(loader, "load_with_plan", flaky)
-    import zlocal.plan
+    import zlocal.plan_stepdown
 
     machines = []
-    real_step = zlocal.plan.step_down
+    real_step = zlocal.plan_stepdown.step_down
 
     def step(plan, shape, hw=None):
         machines.append(hw)
         return real_step(plan, shape, hw)
 
-    monkeypatch.setattr(zlocal.plan, "step_down", step)
+    monkeypatch.setattr(zlocal.plan_stepdown, "step_down", step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rt = zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)

@@ -23,6 +23,7 @@ import torch
 
 from .errors import CheckpointError, InvalidArgumentError, PlanError
 from .formats import GPTQ, checkpoint_format, get_format
+from .loader_stream import first_line, is_oom, replace_module, stream_load
 from .resolve import ResolvedModel
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -117,14 +118,9 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
+        raise CheckpointError(f"{resolved.name}: cannot load weights: {first_line(exc)}") from exc
     model.eval()
     return LoadedModel(model=model, device=device, dtype=torch_dtype, device_map=kwargs["device_map"])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0] if text else ''}"
 
 
 _PLAN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -228,13 +224,6 @@ def plan_for(
     return lp
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def load_for_runtime(
     resolved: ResolvedModel,
     config,
@@ -260,7 +249,7 @@ def load_for_runtime(
         loaded.max_context = min(model_ctx, 4096) if max_context is None else int(max_context)
         return loaded
     from .memory import ModelShape
-    from .plan import step_down
+    from .plan_stepdown import step_down
 
     lp = plan_for(
         resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context, hardware=hardware
@@ -273,8 +262,8 @@ def load_for_runtime(
             _warm_up(loaded.model)
             return loaded
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_oom(exc):
-                raise CheckpointError(f"{resolved.name}: cannot load weights: {_first_line(exc)}") from exc
+            if not is_oom(exc):
+                raise CheckpointError(f"{resolved.name}: cannot load weights: {first_line(exc)}") from exc
             del loaded
             _free_memory()
             # the machine's kernels and bandwidths decide what the smaller plan may use
@@ -390,127 +379,6 @@ def swap_bnb_int8_for_cpu(model, dtype: torch.dtype) -> int:
         new.scales = (module.weight.SCB.float() / 127.0).to(dtype)
         if module.bias is not None:
             new.bias = module.bias.data.to(dtype)
-        _replace(model, name, new)
+        replace_module(model, name, new)
         count += 1
     return count
-
-
-def layer_device_map(lp, config) -> dict[str, str]:
-    """Module -> device. With a split the embedding lookup stays on the CPU (a cheap gather) and the
-    final norm + lm_head run on the GPU (a large matmul every token)."""
-    n = lp.gpu_layers + lp.cpu_layers
-    gpu = lp.gpu_device or "cuda:0"
-    if lp.gpu_layers == 0 or lp.cpu_layers == 0:
-        dev = gpu if lp.gpu_layers else "cpu"
-        return {"": dev}
-    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": gpu, "lm_head": gpu}
-    for i in range(n):
-        dm[f"model.layers.{i}"] = gpu if i < lp.gpu_layers else "cpu"
-    return dm
-
-
-def _device_of(name: str, device_map: dict[str, str]) -> str:
-    best, best_len = device_map.get("", "cpu"), -1
-    for prefix, dev in device_map.items():
-        if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
-            best, best_len = dev, len(prefix)
-    return best
-
-
-def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
-    """Build the model on the meta device and fill it from the safetensors files one tensor at a
-    time, quantizing decoder Linears as the plan says. Returns (model, device_map)."""
-    from accelerate import dispatch_model, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    device_map = layer_device_map(lp, config)
-    files = sorted(Path(resolved.path).glob("*.safetensors"))
-    expected = dict(model.state_dict())
-    seen: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if key not in expected:
-                        raise CheckpointError(
-                            f"{resolved.name}: {file.name} holds {key}, which the config does "
-                            "not define; the checkpoint and config.json disagree"
-                        )
-                    _place(
-                        model,
-                        key,
-                        fh.get_tensor(key),
-                        expected[key],
-                        lp=lp,
-                        device_map=device_map,
-                        dtype=dtype,
-                        set_tensor=set_module_tensor_to_device,
-                    )
-                    seen.add(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            if _is_oom(exc):
-                raise
-            raise CheckpointError(
-                f"{resolved.name}: cannot load weights: {file.name}: {_first_line(exc)}"
-            ) from exc
-    _finish_tied(model, config, seen, device_map, dtype)
-    missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
-    if missing:
-        raise CheckpointError(
-            f"{resolved.name}: the checkpoint lacks {len(missing)} tensors (first: {missing[0]})"
-        )
-    if set(device_map) != {""}:
-        model = dispatch_model(model, device_map=device_map, skip_keys=["cache", "past_key_values"])
-    else:
-        model.to(device_map[""])
-    model.eval()
-    return model, device_map
-
-
-def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> None:
-    if tuple(tensor.shape) != tuple(meta.shape):
-        raise CheckpointError(
-            f"{key} has shape {tuple(tensor.shape)} but the config implies {tuple(meta.shape)}"
-        )
-    module_name, _, pname = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    device = _device_of(module_name, device_map)
-    in_layer = ".layers." in f".{module_name}"
-    fmt = (lp.gpu_format if device != "cpu" else lp.cpu_format) if in_layer else None
-    if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt is not None:
-        new = get_format(fmt).build_linear(
-            module, tensor, dtype=dtype, device=device, group_size=lp.group_size
-        )
-        if new is not None:
-            _replace(model, module_name, new)
-            return
-    if not isinstance(module, torch.nn.Linear) and module.__class__.__module__.startswith("zlocal.cpu_quant"):
-        module.register_buffer(pname, tensor.to(dtype))  # the bias of a quantized CPU Linear
-        return
-    if module.__class__.__module__.startswith("bitsandbytes") and pname == "bias":
-        module.bias = torch.nn.Parameter(tensor.to(dtype).to(device), requires_grad=False)
-        return
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    set_tensor(model, key, device, value=value, clear_cache=False)
-
-
-def _replace(model, name: str, new) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _finish_tied(model, config, seen: set[str], device_map, dtype) -> None:
-    # Tied checkpoints store only the embedding; the head needs its own copy when it lives on
-    # another device, else it shares the embedding's storage.
-    if "lm_head.weight" in seen or not getattr(config, "tie_word_embeddings", False):
-        return
-    emb = model.get_input_embeddings().weight
-    head_dev = _device_of("lm_head", device_map)
-    if str(emb.device) == head_dev or (head_dev == "cpu" and emb.device.type == "cpu"):
-        model.lm_head.weight = emb
-    else:
-        model.lm_head.weight = torch.nn.Parameter(emb.detach().to(head_dev, dtype), requires_grad=False)
