@@ -14,14 +14,13 @@ from zlocal import cpu_kernels, cpu_prompt
 from zlocal.cpu_quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
-    WeightOnlyQuantHandler,
     can_quantize,
     int4_group_size,
     quantize_int4,
     quantize_int8,
     quantize_linear,
-    quantized_bytes,
 )
+from zlocal.cpu_quant_handler import WeightOnlyQuantHandler, quantized_bytes
 from zlocal.memory import ModelShape, estimate
 
 

@@ -8,7 +8,7 @@ import torch
 import zlocal
 from tests.test_engine import hf_greedy, reference_model
 from zlocal import cpu_kernels, fastpath
-from zlocal.cpu_quant import quantized_bytes
+from zlocal.cpu_quant_handler import quantized_bytes
 from zlocal.engine import DEFAULT_PREFILL_CHUNK, Engine
 from zlocal.fastpath import unsupported_reason
 from zlocal.memory import ModelShape, estimate

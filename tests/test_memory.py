@@ -8,7 +8,7 @@ import pytest
 
 import zlocal
 from tests.test_cpu_quant import auto_plan
-from zlocal.cpu_quant import quantized_bytes
+from zlocal.cpu_quant_handler import quantized_bytes
 from zlocal.hardware import list_profiles
 from zlocal.memory import MIB, ModelShape, estimate, kv_cache_bytes, kv_tokens, linear_bytes
 

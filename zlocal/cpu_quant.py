@@ -16,9 +16,6 @@ for one weight, which is what the streaming loader uses to keep peak memory at o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,7 +196,8 @@ def _check_layout(layout: str | None, best: str, runs: dict[str, bool], what: st
 def _int4_layout(layout, out_f, in_f, group_size, dtype) -> str:
     what = f"a {out_f}x{in_f} {dtype} int4 layer with group size {group_size}"
     runs = {
-        "zlocal": dtype == torch.bfloat16 and cpu_kernels.supports_int4(out_f, in_f, group_size)
+        "zlocal": dtype == torch.bfloat16
+        and cpu_kernels.supports_int4(out_f, in_f, group_size)
         and cpu_kernels.kernels() is not None,
         "torch": torch_int4_supported(out_f, in_f, group_size),
     }
@@ -208,7 +206,8 @@ def _int4_layout(layout, out_f, in_f, group_size, dtype) -> str:
 
 def _int8_layout(layout, out_f, in_f, dtype) -> str:
     runs = {
-        "zlocal": dtype == torch.bfloat16 and cpu_kernels.supports_int8(out_f, in_f)
+        "zlocal": dtype == torch.bfloat16
+        and cpu_kernels.supports_int8(out_f, in_f)
         and cpu_kernels.kernels() is not None,
         "torch": torch_int8_supported(out_f, in_f),
         "dense": True,
@@ -367,85 +366,6 @@ def quantize_linear(
         state["bias"] = bias.detach().to(dtype)
     module.load_state_dict(state, assign=True)
     return module
-
-
-def decoder_linear_filter(name: str, module: nn.Module) -> bool:
-    """Default target: Linear layers inside decoder blocks (embeddings and lm_head stay dense)."""
-    return isinstance(module, nn.Linear) and ".layers." in f".{name}"
-
-
-@dataclass
-class WeightOnlyQuantHandler:
-    """gpt-fast style two-phase quantizer for the CPU-resident Linear layers of a model.
-
-    ``quantize()`` returns the quantized state dict of the targeted layers without touching the
-    model; ``convert()`` swaps those layers for empty quantized modules; ``apply()`` does both and
-    loads the state with ``assign=True`` so no second copy of the weights is made.
-    """
-
-    model: nn.Module
-    bits: int
-    dtype: torch.dtype = torch.bfloat16
-    group_size: int = 128
-    target: Callable[[str, nn.Module], bool] = decoder_linear_filter
-
-    def targets(self) -> dict[str, nn.Linear]:
-        """Linear layers that will be quantized (those the kernel accepts and on the CPU)."""
-        return {
-            name: m
-            for name, m in self.model.named_modules()
-            if self.target(name, m)
-            and m.weight.device.type == "cpu"
-            and can_quantize(tuple(m.weight.shape), self.bits, self.group_size)
-        }
-
-    def quantize(self) -> dict[str, torch.Tensor]:
-        """Phase one: quantized tensors keyed like the converted model's state dict."""
-        state = {}
-        for name, m in self.targets().items():
-            for key, value in quantized_tensors(m.weight, self.bits, self.dtype, self.group_size).items():
-                state[f"{name}.{key}"] = value
-            if m.bias is not None:
-                state[f"{name}.bias"] = m.bias.detach().to(self.dtype)
-        return state
-
-    def convert(self, names: list[str] | None = None) -> list[str]:
-        """Phase two: replace the targeted Linear modules with empty quantized ones."""
-        targets = self.targets()
-        names = list(targets) if names is None else names
-        for name in names:
-            m = targets[name]
-            new = empty_quant_linear(
-                m.in_features,
-                m.out_features,
-                m.bias is not None,
-                bits=self.bits,
-                dtype=self.dtype,
-                group_size=self.group_size,
-            )
-            _set_module(self.model, name, new)
-        return names
-
-    def apply(self) -> int:
-        """Quantize and swap every target, one layer at a time; returns how many were swapped."""
-        targets = self.targets()
-        for name, m in targets.items():
-            _set_module(
-                self.model, name, quantize_linear(m.weight, m.bias, self.bits, self.dtype, self.group_size)
-            )
-        return len(targets)
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of parameters plus buffers (what the model keeps resident)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor | None:

@@ -321,7 +321,7 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
                 f"{resolved.name}: splitting pickle weights across devices is not supported; "
                 "convert the checkpoint to safetensors"
             )
-        from .cpu_quant import WeightOnlyQuantHandler
+        from .cpu_quant_handler import WeightOnlyQuantHandler
 
         loaded = load_model(resolved, dtype=dtype, device="cpu")
         bits = get_format(lp.cpu_format).bits
