@@ -20,7 +20,7 @@ import torch
 
 from .engine import common_prefix
 from .errors import InvalidArgumentError
-from .formats import get_format, quantized_on_load
+from .formats import quantized_on_load
 
 # Plain English filler for synthetic prompts; its content does not matter for speed.
 _FILLER = (
@@ -281,27 +281,16 @@ def cpu_plan(
 ):
     """The auto plan for ``model`` with every layer on the CPU in ``fmt`` (int8, int4 or the dense
     compute dtype), for comparing formats on one machine."""
-    from .loader import load_config, plan_for
-    from .plan import head_format_for
+    from .loader import current_hardware, load_config, plan_for
+    from .memory import ModelShape
+    from .plan import all_on_cpu
     from .resolve import resolve_model
 
     resolved = resolve_model(model)
     config = load_config(resolved)
     lp = plan_for(resolved, config, plan="auto", dtype=dtype, device="cpu", max_context=max_context)
-    n = lp.gpu_layers + lp.cpu_layers
-    changes = dict(gpu_layers=0, cpu_layers=n, gpu_format=None, gpu_device=None, estimated_vram_bytes=0)
-    if fmt in CPU_FORMATS:
-        changes.update(cpu_format=fmt, weights_format=fmt, bits=get_format(fmt).bits, quantize_on_load=True)
-    else:
-        changes.update(
-            cpu_format=lp.compute_dtype,
-            weights_format=lp.compute_dtype,
-            quantize_on_load=False,
-            bits=get_format(lp.compute_dtype).bits,
-        )
-    changes["head_format"] = head_format_for(0, changes["cpu_format"], lp.source_quantized)
-    if group_size is not None:
-        changes["group_size"] = int(group_size)
-    lp = dataclasses.replace(lp, **changes)
-    lp.reasons = [*lp.reasons, f"zlocal bench: all {n} layers on the CPU in {lp.cpu_format}"]
+    shape = ModelShape.from_config(config)
+    fmt = fmt if fmt in CPU_FORMATS else lp.compute_dtype
+    lp = all_on_cpu(lp, shape, current_hardware("cpu"), fmt, None if group_size is None else int(group_size))
+    lp.reasons.append(f"zlocal bench: all {shape.num_layers} layers on the CPU in {fmt}")
     return lp

@@ -266,6 +266,29 @@ def default_group_size(shape: ModelShape) -> int:
     return 128 if shape.hidden_size >= 2048 else 32
 
 
+def _budget(hw: HardwareReport, vram: int, ram: int) -> _Budget:
+    return _Budget(
+        vram,
+        ram,
+        hw.gpu.bandwidth_gbs if hw.gpu else 0.0,
+        hw.cpu.bandwidth_gbs,
+        hw.cpu.cores,
+        bool(hw.kernels.get("zlocal_int4_cpu")),
+    )
+
+
+def all_on_cpu(
+    plan: LoadPlan, shape: ModelShape, hw: HardwareReport, fmt: str, group_size: int | None = None
+) -> LoadPlan:
+    """``plan`` (for a full-precision checkpoint) with every layer on the CPU in ``fmt``: every field
+    that follows from the placement (bits, head, quantize-on-load, estimates, speed) computed for it."""
+    budget = _budget(hw, 0, plan.usable_ram_bytes)
+    spec = _Spec(shape, budget, plan.compute_dtype, None, group_size or plan.group_size)
+    new = _candidate(spec, plan.max_context, 0, None, fmt)
+    new.model, new.hardware, new.reasons = plan.model, plan.hardware, list(plan.reasons)
+    return new
+
+
 def _compute_dtype(hw: HardwareReport, dtype: str | None) -> tuple[str, str]:
     """(compute dtype, the plan line saying why): as asked, else what the GPU runs fast, else bf16."""
     gpu = hw.gpu
@@ -344,14 +367,7 @@ def make_plan(
     if want < 1 or want > model_ctx:
         raise PlanError(f"context must be in 1..{model_ctx} for this model, got {ctx}")
     vram, ram = usable_memory(hw, max_vram_bytes)
-    b = _Budget(
-        vram,
-        ram,
-        hw.gpu.bandwidth_gbs if hw.gpu else 0.0,
-        hw.cpu.bandwidth_gbs,
-        hw.cpu.cores,
-        bool(hw.kernels.get("zlocal_int4_cpu")),
-    )
+    b = _budget(hw, vram, ram)
     gpu = hw.gpu
     compute, why_dtype = _compute_dtype(hw, dtype)
     if source_quant:
