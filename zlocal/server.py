@@ -33,6 +33,7 @@ from .server_completions import (
     read_body,
 )
 from .server_guard import Guard, OriginPolicy, error_response, is_loopback
+from .server_pages import add_page_routes
 from .server_queue import GenerationQueue
 from .server_schema import APIError, escape_control, openapi_components, redact
 
@@ -113,6 +114,7 @@ def create_app(
 
     _add_token_routes(app, queue, runtime, token_budget, served)
     add_generation_routes(app, queue, runtime, default_max_tokens, served)
+    add_page_routes(app)
 
     _install_openapi(app, served)
 
