@@ -88,6 +88,9 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         description="OpenAI-compatible local chat server for one quantized model.",
+        # server_pages serves /docs with local Swagger UI assets (FastAPI's own page uses a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.queue = queue
     app.state.model_name = model_name

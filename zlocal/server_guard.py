@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
 
+from .server_pages import KEYLESS_PAGE_PATHS
 from .server_schema import APIError
 
 access_log = logging.getLogger("zlocal.access")
@@ -176,7 +177,9 @@ class Guard:
             return _forbidden_origin(origin), {"Vary": "Origin"}, f"Origin {origin[:100]!r}"
         if preflight:
             return None  # answered without the key: browsers never send credentials on a preflight
-        if self.api_key is not None and path != "/health" and method != "OPTIONS":
+        # The chat page's own files are served without the key: a browser cannot send one on a page load.
+        keyless = path == "/health" or (method == "GET" and path in KEYLESS_PAGE_PATHS)
+        if self.api_key is not None and not keyless and method != "OPTIONS":
             scheme, _, token = headers.get("authorization", "").partition(" ")
             token_bytes = token.strip().encode("latin-1")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, self.api_key):
