@@ -7,6 +7,7 @@ reads one JSON result per line. A child that dies (segfault, abort, timeout) is 
 Cases:
 - ``linear``: one quantized CPU module (``cpu_quant.quantize_linear``) against ``x @ W.T`` with
   ``W`` the dequantized weight of the same codes and scales, in float.
+- ``bnb4``: a bitsandbytes NF4/FP4 layer on zlocal's int4 kernel against bitsandbytes' forward.
 - ``model``: a random Mistral/Llama checkpoint of the drawn shape, loaded by ``zlocal.load`` with
   every layer on the CPU in the drawn format, teacher-forced through prefill and one-token steps
   and compared with an untouched ``transformers`` model in float32 whose linear layers hold the
@@ -130,6 +131,33 @@ def run_linear(case: dict) -> dict:
     }
 
 
+def run_bnb4(case: dict) -> dict:
+    """A bitsandbytes 4-bit layer of the drawn shape moved onto zlocal's int4 kernel (where the
+    kernel takes it), against bitsandbytes' own forward of the same layer."""
+    import bitsandbytes as bnb
+    import torch
+
+    from zlocal.formats.bnb4_cpu import int4_module, kernel_supports
+
+    torch.manual_seed(case["seed"])
+    n, k, qt, nested = case["out"], case["in"], case["quant_type"], case["nested"]
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type=qt)
+    w = torch.randn(n, k) * 0.05
+    layer.weight = bnb.nn.Params4bit(
+        w, requires_grad=False, compress_statistics=nested, quant_type=qt, blocksize=case["block"]
+    )
+    layer = layer.to("cpu")
+    why = kernel_supports(layer.weight.quant_state, n, k)
+    if why:
+        return {"swapped": False, "err": 0.0}
+    new = int4_module(layer, torch.bfloat16)
+    x = torch.randn(case["tokens"], k).to(torch.bfloat16)
+    with torch.inference_mode():
+        y, ref = new(x).float(), layer(x).float()
+    scale = ref.abs().max().item() or 1.0
+    return {"swapped": True, "err": (y - ref).abs().max().item() / scale if torch.isfinite(y).all() else 1e9}
+
+
 def run_torch_kernel(case: dict) -> dict:
     """PyTorch's weight-only kernel alone on one shape, whatever zlocal's predicates say (how the
     predicates were derived, and the check that they still hold on this torch)."""
@@ -170,14 +198,14 @@ def run_c_arguments(case: dict) -> dict:
         return {"skipped": cpu_kernels.kernel_status()}
     null = None
     codes = {
-        "int4 K=100": k._int4(null, null, null, null, 1, 16, 100, 32, 1),
-        "int4 G=48": k._int4(null, null, null, null, 1, 16, 192, 48, 1),
-        "int4 N=6": k._int4(null, null, null, null, 1, 6, 64, 32, 1),
-        "int4 M=0": k._int4(null, null, null, null, 0, 16, 64, 32, 1),
-        "int4 4098 groups": k._int4(null, null, null, null, 1, 4, 64 * 2049, 32, 1),
+        "int4 K=100": k._int4(null, null, null, null, null, 1, 16, 100, 32, 1),
+        "int4 G=48": k._int4(null, null, null, null, null, 1, 16, 192, 48, 1),
+        "int4 N=6": k._int4(null, null, null, null, null, 1, 6, 64, 32, 1),
+        "int4 M=0": k._int4(null, null, null, null, null, 0, 16, 64, 32, 1),
+        "int4 4098 groups": k._int4(null, null, null, null, null, 1, 4, 64 * 2049, 32, 1),
         "int8 K=100": k._int8(null, null, null, null, 1, 16, 100, 1),
         "int8 N=6": k._int8(null, null, null, null, 1, 6, 64, 1),
-        "dequant rows=6": k._dequant4(null, null, null, 6, 64, 32, 1),
+        "dequant rows=6": k._dequant4(null, null, null, null, 6, 64, 32, 1),
         "decode null dims": k._decode(null, null, null, 0, null, null, 1),
     }
     dims = cpu_kernels._Dims(1, 64, 4, 2, 12, 128, 16, 0, 0.25)  # head_dim 12: not a multiple of 16
@@ -299,6 +327,7 @@ def main() -> None:
         "linear": run_linear,
         "model": run_model,
         "torch_kernel": run_torch_kernel,
+        "bnb4": run_bnb4,
         "c_arguments": run_c_arguments,
     }
     for line in sys.stdin:

@@ -191,3 +191,21 @@ def test_c_entry_points_reject_what_they_do_not_support(worker):
         pytest.skip(f"needs zlocal's AVX-512 BF16 kernels: {r['skipped']}")
     assert r["codes"] == {name: cpu_kernels.ZL_EBADSHAPE for name in r["codes"]}, r["codes"]
     assert all(r["raised"]), r["raised"]  # the Python wrappers raise before calling C
+
+
+@settings(max_examples=16, **SETTINGS)
+@given(
+    out=st.sampled_from([4, 12, 64, 100, 128]),
+    k=st.sampled_from([32, 64, 96, 128, 192, 256, 640]),
+    block=st.sampled_from([32, 64, 128, 256]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    nested=st.booleans(),
+    tokens=st.sampled_from([1, 5, 33, 80]),
+    seed=st.integers(0, 1000),
+)
+def test_bitsandbytes_4bit_layers_on_the_int4_kernel(worker, out, k, block, quant_type, nested, tokens, seed):
+    # bitsandbytes' 4-bit codes read through zlocal's kernel with the format's code table
+    case = dict(kind="bnb4", out=out, block=block, quant_type=quant_type, nested=nested, tokens=tokens)
+    r = worker.run({**case, "in": k, "seed": seed})
+    assert r["swapped"] == (k % block == 0 and cpu_kernels.supports_int4(out, k, block)), r
+    assert r["err"] <= 0.02, r  # bf16 output rounding is 0.4% of the largest value

@@ -98,22 +98,26 @@ class CpuKernels:
         lib = ctypes.CDLL(str(path))
         self._int4 = lib.zl_int4_mm
         self._int4.restype = ctypes.c_int
-        self._int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        self._int4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
         self._int8 = lib.zl_int8_mm
         self._int8.restype = ctypes.c_int
         self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         self._dequant4 = lib.zl_int4_dequant
         self._dequant4.restype = ctypes.c_int
-        self._dequant4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+        self._dequant4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         self._decode = lib.zl_decode_layers
         self._decode.restype = ctypes.c_int
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self._decode.argtypes = [pointer] * 3 + [integer] + [pointer] * 2 + [integer]
 
     # ctypes releases the GIL for the calls, so two runtimes in one process can decode at once
-    def int4_mm(self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    def int4_mm(
+        self, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+        codes: torch.Tensor | None = None,
+    ):
         """``x`` [M, K] bf16 contiguous times the packed weight ([N, K/2] uint8, ``pack_int4``;
-        scales and zeros from ``pack_scales``) -> [M, N] bf16."""
+        scales and zeros from ``pack_scales``; ``codes``: the values of the 16 codes, ``code_table``,
+        or None for 0..15) -> [M, N] bf16."""
         m, k = _rows(x)
         n = packed.shape[0]
         _require(supports_int4(n, k, group_size), f"int4 weight {n}x{k} with group size {group_size}")
@@ -121,7 +125,7 @@ class CpuKernels:
         _require_buffer(scales_and_zeros, torch.bfloat16, n * (k // group_size) * 2, "int4 scales")
         y = torch.empty(m, n, dtype=torch.bfloat16)
         err = self._int4(
-            x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
+            x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), _codes_ptr(codes), y.data_ptr(),
             m, n, k, group_size, torch.get_num_threads(),
         )
         _raise_for(err, f"int4 product {m}x{k} by {n}x{k}", m * k // group_size)
@@ -141,19 +145,38 @@ class CpuKernels:
         _raise_for(err, f"int8 product {m}x{k} by {n}x{k}", 0)
         return y
 
-    def int4_dequantize(self, out: torch.Tensor, packed: torch.Tensor, tiled: torch.Tensor, group_size: int):
+    def int4_dequantize(
+        self, out: torch.Tensor, packed: torch.Tensor, tiled: torch.Tensor, group_size: int,
+        codes: torch.Tensor | None = None,
+    ):
         """Write the bf16 weights of ``packed`` ([R, K/2], whole tiles) into ``out`` ([R, K] bf16,
-        contiguous); ``tiled`` holds those rows' scales and zeros (``pack_scales``' layout)."""
+        contiguous); ``tiled`` holds those rows' scales and zeros (``pack_scales``' layout), ``codes``
+        the code values as for ``int4_mm``."""
         r, k = _rows(out)
         _require(supports_int4(r, k, group_size), f"int4 block {r}x{k} with group size {group_size}")
         _require_buffer(packed, torch.uint8, r * k // 2, "int4 codes")
         _require_buffer(tiled, torch.bfloat16, r * (k // group_size) * 2, "int4 scales")
-        err = self._dequant4(packed.data_ptr(), tiled.data_ptr(), out.data_ptr(), r, k, group_size,
-                             torch.get_num_threads())
+        err = self._dequant4(packed.data_ptr(), tiled.data_ptr(), _codes_ptr(codes), out.data_ptr(), r, k,
+                             group_size, torch.get_num_threads())
         _raise_for(err, f"int4 dequantization of {r}x{k}", 0)
 
 
 ZL_EBADSHAPE = -2  # kernels/cpu_kernels.h
+CODE_COUNT = 16
+
+
+def code_table(values: torch.Tensor) -> torch.Tensor:
+    """The 16 values int4 codes stand for (e.g. bitsandbytes' NF4 table) as the kernels read them:
+    16 contiguous bf16 values (each rounded to bf16 once)."""
+    _require(values.numel() == CODE_COUNT, f"a code table of {values.numel()} values (it needs 16)")
+    return values.detach().reshape(CODE_COUNT).to(torch.bfloat16).contiguous()
+
+
+def _codes_ptr(codes: torch.Tensor | None) -> int | None:
+    if codes is None:
+        return None
+    _require_buffer(codes, torch.bfloat16, CODE_COUNT, "int4 code table")
+    return codes.data_ptr()
 
 
 def _require(ok: bool, what: str) -> None:
@@ -183,7 +206,7 @@ def _raise_for(err: int, what: str, floats: int) -> None:
 class _Mat(ctypes.Structure):
     _fields_ = [
         ("bits", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("G", ctypes.c_int),
-        ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
+        ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("codes", ctypes.c_void_p),
     ]
 
 
@@ -242,7 +265,7 @@ class DecodeStack:
         if mod.bits == 8:
             return _Mat(8, mod.out_features, mod.in_features, 0, mod.weight.data_ptr(), mod.scales.data_ptr())
         return _Mat(4, mod.out_features, mod.in_features, mod.group_size, mod.weight.data_ptr(),
-                    mod.scales_and_zeros.data_ptr())
+                    mod.scales_and_zeros.data_ptr(), _codes_ptr(getattr(mod, "codes", None)))
 
     def _layer(self, lay: StackLayer) -> _Layer:
         return _Layer(
@@ -347,11 +370,15 @@ def unpack_int4(out: torch.Tensor, packed: torch.Tensor) -> None:
     o[:, :, :, 1].copy_(v >> 4)
 
 
-def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Float weights [N, K] from codes [N, K] and torch's [K/G, N, 2] scales and zeros."""
+def dequantize_int4(
+    codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float weights [N, K] from codes [N, K] and torch's [K/G, N, 2] scales and zeros: table[q] * scale
+    + zero - 8 * scale per group (``table``: ``code_table`` values; None: the integers 0..15)."""
     n, k = codes.shape
     sz = scales_and_zeros.float()
-    w = (codes.float() - 8).view(n, k // group_size, group_size) * sz[..., 0].t()[..., None]
+    values = codes.float() if table is None else table.float()[codes.long()]
+    w = (values - 8).view(n, k // group_size, group_size) * sz[..., 0].t()[..., None]
     return (w + sz[..., 1].t()[..., None]).view(n, k)
 
 

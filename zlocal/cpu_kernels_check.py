@@ -11,6 +11,7 @@ from .cpu_kernels import (
     CpuKernels,
     DecodeStack,
     StackLayer,
+    code_table,
     dequantize_int4,
     pack_int4,
     pack_int8,
@@ -29,16 +30,20 @@ def _matmul_check(kernel: CpuKernels) -> str | None:
     n, k = 16, 256
     x = torch.randn(5, k, generator=gen).to(torch.bfloat16)  # int4: 4 tokens at once, then 1
     checks = []
-    for g in (32, 64, 128):  # all code paths of the int4 kernel
+    table = code_table(torch.randn(16, generator=gen))  # codes standing for other values (NF4's, say)
+    # all code paths of the int4 kernel, with the integer codes and with a table
+    for g, values in ((32, None), (64, None), (128, None), (32, table), (64, table), (128, table)):
         codes = torch.randint(0, 16, (n, k), generator=gen)
         sz = torch.randn(k // g, n, 2, generator=gen).to(torch.bfloat16)
-        ref = x.float() @ dequantize_int4(codes, sz, g).t()
+        want = dequantize_int4(codes, sz, g, values)
+        ref = x.float() @ want.t()
         packed, tiled = pack_int4(codes), pack_scales(sz)
-        checks.append((f"int4, group size {g}", kernel.int4_mm(x, packed, tiled, g), ref))
-        checks.append((f"int4, one token, group size {g}", kernel.int4_mm(x[:1], packed, tiled, g), ref[:1]))
+        what = f"group size {g}{'' if values is None else ', code table'}"
+        checks.append((f"int4, {what}", kernel.int4_mm(x, packed, tiled, g, values), ref))
+        checks.append((f"int4, one token, {what}", kernel.int4_mm(x[:1], packed, tiled, g, values), ref[:1]))
         weights = torch.empty(n, k, dtype=torch.bfloat16)  # the block-wise prompt path's weights
-        kernel.int4_dequantize(weights, packed, tiled, g)
-        checks.append((f"int4 dequantized, group size {g}", weights, dequantize_int4(codes, sz, g)))
+        kernel.int4_dequantize(weights, packed, tiled, g, values)
+        checks.append((f"int4 dequantized, {what}", weights, want))
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = torch.rand(n, generator=gen).to(torch.bfloat16)
     got = kernel.int8_mm(x, pack_int8(q), scales)
@@ -69,14 +74,16 @@ def _stack_check(kernel: CpuKernels) -> str | None:
         mod = SimpleNamespace(bits=8, out_features=n, in_features=k, weight=pack_int8(q), scales=scales)
         return mod, q.float() * scales.float()[:, None]
 
-    def int4(n, k, g=32):
+    def int4(n, k, g=32, table=None):
         codes = torch.randint(0, 16, (n, k), generator=gen)
         sz = torch.stack([rand(k // g, n, scale=0.02).abs(), rand(k // g, n, scale=0.02)], dim=-1)
         mod = SimpleNamespace(bits=4, out_features=n, in_features=k, group_size=g, weight=pack_int4(codes),
-                              scales_and_zeros=pack_scales(sz))
-        return mod, dequantize_int4(codes, sz, g)
+                              scales_and_zeros=pack_scales(sz), codes=table)
+        return mod, dequantize_int4(codes, sz, g, table)
 
-    (qkv, w_qkv), (o, w_o) = int8((heads + 2 * kv_heads) * d, hidden), int4(hidden, heads * d)
+    # o_proj's codes stand for a table's values, as bitsandbytes NF4 layers' do
+    table = code_table(rand(16, scale=4.0))
+    (qkv, w_qkv), (o, w_o) = int8((heads + 2 * kv_heads) * d, hidden), int4(hidden, heads * d, 64, table)
     (gate_up, w_gu), (down, w_down) = int4(2 * inter, hidden), int8(hidden, inter)
     w_in, w_post = rand(hidden, scale=0.1) + 1, rand(hidden, scale=0.1) + 1
     keys, values = rand(1, kv_heads, ctx, d), rand(1, kv_heads, ctx, d)

@@ -116,10 +116,16 @@ def int4_pack_block() -> int | None:
 
 
 def int4_matmul_blockwise(
-    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int | None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    block: int | None,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x`` (bf16) times the int4 weight (``(q - 8) * scale + zero`` per group), block-wise.
-    ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout."""
+    ``block`` is the row block of torch's layout, or None for ``cpu_kernels``' layout (whose
+    ``codes`` table, if any, gives the value of each code)."""
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     rows, buf = _scratch_rows(out_f, in_f)
     # zlocal's layout exists only where its kernels run: they dequantize a block in one C pass
@@ -132,7 +138,7 @@ def int4_matmul_blockwise(
         w = buf[: n * in_f].view(n, in_f)
         if kernel is not None:  # rows are whole tiles (blocks are multiples of 64 rows)
             tiles = slice(start // cpu_kernels.TILE_ROWS, (start + n) // cpu_kernels.TILE_ROWS)
-            kernel.int4_dequantize(w, packed[start : start + n], scales_and_zeros[tiles], group_size)
+            kernel.int4_dequantize(w, packed[start : start + n], scales_and_zeros[tiles], group_size, codes)
         else:
             _unpack_int4(w, packed[start : start + n], block)
             groups = w.view(n, in_f // group_size, group_size)

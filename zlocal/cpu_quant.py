@@ -275,11 +275,17 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         dtype=torch.bfloat16,
         group_size: int = 128,
         layout: str | None = None,
+        codes: torch.Tensor | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
-        self._use_layout(_int4_layout(layout, out_features, in_features, group_size, dtype))
+        # Only zlocal's kernels read a code table; torch's int4 kernels know the integers 0..15.
+        self._use_layout(_int4_layout("zlocal" if codes is not None else layout, out_features, in_features,
+                                      group_size, dtype))
+        # the values codes 0..15 stand for (cpu_kernels.code_table); None: the integers themselves
+        table = None if codes is None else cpu_kernels.code_table(codes)
+        self.register_buffer("codes", table, persistent=False)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         groups = in_features // group_size
         if self.layout == "zlocal":
@@ -296,16 +302,19 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         if tokens > 1 and _blockwise(x2, int4_blockwise_min_tokens(self.layout, self.group_size), self.dtype):
             block = None if ours else int4_pack_block()
             if ours or (block and self.out_features % block == 0):
-                y = int4_matmul_blockwise(x2, self.weight, self.scales_and_zeros, self.group_size, block)
+                y = int4_matmul_blockwise(
+                    x2, self.weight, self.scales_and_zeros, self.group_size, block, self.codes
+                )
                 return self._finish(y, x.shape, x.dtype)
         if ours:
-            y = self._kernel.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+            y = self._kernel.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size, self.codes)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         return self._finish(y, x.shape, x.dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        table = "" if self.codes is None else ", code table"
+        return super().extra_repr() + f", group_size={self.group_size}{table}"
 
 
 def quantized_tensors(
@@ -393,7 +402,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor | None:
             sz = module.scales_and_zeros.float()
             w_t = torch._weight_int4pack_mm_for_cpu(eye, module.weight, module.group_size, sz)
             return w_t.t().contiguous()
-        return cpu_kernels.dequantize_int4(codes, sz, module.group_size)
+        return cpu_kernels.dequantize_int4(codes, sz, module.group_size, module.codes)
     return None
 
 

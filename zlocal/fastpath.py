@@ -217,6 +217,12 @@ def _dense(weight: torch.Tensor):
     return proj
 
 
+def _same_codes(a, b) -> bool:
+    """Whether two int4 modules' codes stand for the same values (their code tables, if any)."""
+    ta, tb = getattr(a, "codes", None), getattr(b, "codes", None)
+    return (ta is None and tb is None) or (ta is not None and tb is not None and torch.equal(ta, tb))
+
+
 def _fuse_quantized(linears: list):
     """One zlocal CPU int8/int4 module for several with the same input (q/k/v, gate/up), or None.
 
@@ -243,13 +249,15 @@ def _fuse_quantized(linears: list):
             return None
         if lin.layout != first.layout or lin.out_features % lin.row_block:
             return None
+        if not _same_codes(lin, first):
+            return None
     out_f = sum(lin.out_features for lin in linears)
     if kind is Int8WeightOnlyLinear:
         fused = Int8WeightOnlyLinear(first.in_features, out_f, False, first.dtype, first.layout)
         fused.scales = torch.cat([lin.scales for lin in linears])
     else:
         fused = Int4WeightOnlyLinear(
-            first.in_features, out_f, False, first.dtype, first.group_size, first.layout
+            first.in_features, out_f, False, first.dtype, first.group_size, first.layout, first.codes
         )
         dim = 0 if fused.layout == "zlocal" else 1  # the output rows: tiles, or torch's dim 1
         fused.scales_and_zeros = torch.cat([lin.scales_and_zeros for lin in linears], dim=dim).contiguous()

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, InvalidArgumentError, PlanError
-from .formats import GPTQ, checkpoint_format, get_format
-from .loader_stream import first_line, is_oom, replace_module, stream_load
+from .formats import checkpoint_format, get_format
+from .loader_stream import first_line, is_oom, stream_load
 from .resolve import ResolvedModel
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -302,17 +302,11 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
     if lp.source_quantized:
         device = lp.gpu_device or "cpu"
         loaded = load_model(resolved, dtype=dtype, device=device, device_map={"": device})
-        if device == "cpu":
-            from .gptq_cpu import swap_gptq_for_cpu
-
-            swapped = swap_bnb_int8_for_cpu(loaded.model, dtype)
-            if swapped:
-                lp.reasons.append(f"bitsandbytes int8 layers ({swapped}) run on the fused CPU int8 kernel")
-            gptq, why_not = swap_gptq_for_cpu(loaded.model, resolved.path, dtype)
-            if gptq:
-                lp.reasons.append(f"GPTQ layers ({gptq}) run on zlocal's CPU int4 kernel")
-            if why_not and checkpoint_format(source_quantization(config)) is GPTQ:
-                lp.reasons.append(f"GPTQ layers left on gptqmodel's kernel: {why_not}")
+        fmt = checkpoint_format(source_quantization(config))
+        if device == "cpu" and fmt:
+            _cast_float_parameters(loaded.model, dtype)
+            note = fmt.use_cpu_kernels(loaded.model, resolved.path, dtype)
+            lp.reasons += [note] if note else []
     elif _dense(lp.gpu_format) and _dense(lp.cpu_format) and (lp.gpu_layers in (0, n)):
         loaded = load_model(resolved, dtype=dtype, device=lp.gpu_device or "cpu")
     elif resolved.weights_format != "safetensors":
@@ -339,6 +333,14 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
     return loaded
 
 
+def _cast_float_parameters(model, dtype: torch.dtype) -> None:
+    # Quantized loads keep the unquantized weights (embeddings, norms, head) in the checkpoint's
+    # dtype; the plan's compute dtype is what the kernels and the one-call decode step read.
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def _dense(fmt: str | None) -> bool:
     return fmt is None or get_format(fmt).dense
 
@@ -356,29 +358,3 @@ def quantize_head_int8(model, dtype: torch.dtype) -> bool:
         return False
     model.set_output_embeddings(quantize_linear(head.weight, head.bias, 8, dtype))
     return True
-
-
-def swap_bnb_int8_for_cpu(model, dtype: torch.dtype) -> int:
-    """Replace bitsandbytes ``Linear8bitLt`` modules by zlocal's CPU int8 kernel; returns the count.
-
-    bitsandbytes stores the int8 codes and per-row absmax (SCB), so ``w = codes * SCB / 127`` exactly:
-    the swap changes no weight, only the kernel (bitsandbytes' CPU int8 path is ~80x slower and also
-    quantizes activations).
-    """
-    from .cpu_quant import Int8WeightOnlyLinear
-
-    count = 0
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ != "Linear8bitLt" or getattr(module.weight, "SCB", None) is None:
-            continue
-        codes = module.weight.data
-        if codes.dtype != torch.int8:
-            continue
-        new = Int8WeightOnlyLinear(module.in_features, module.out_features, module.bias is not None, dtype)
-        new.weight = new.pack(codes)
-        new.scales = (module.weight.SCB.float() / 127.0).to(dtype)
-        if module.bias is not None:
-            new.bias = module.bias.data.to(dtype)
-        replace_module(model, name, new)
-        count += 1
-    return count

@@ -135,7 +135,7 @@ def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: s
         eff = cpu.cpu_share(b.cores, b.own_int4)
         per_layer = layer_weight_bytes(shape, cpu_fmt, compute_bytes, bits, group_size)
         # every layer on the CPU in int8/int4 over bf16 runs on the decode kernel (fastpath)
-        one_call = b.own_int4 and not g and cpu.zlocal_kernel and spec.compute == "bf16"
+        one_call = not g and cpu.one_call_decode(b.own_int4) and spec.compute == "bf16"
         overhead = CPU_KERNEL_LAYER_OVERHEAD_S if one_call else CPU_LAYER_OVERHEAD_S
         t += (n - g) * (per_layer / (b.cpu_bw * 1e9 * eff) + kv_half / (b.cpu_bw * 1e9 * 0.9) + overhead)
         if not g:

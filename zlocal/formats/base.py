@@ -46,6 +46,11 @@ class WeightFormat:
     def _cpu_share_per_core(self, own_kernels: bool) -> float:
         return CPU_SHARE_PER_CORE
 
+    def one_call_decode(self, own_kernels: bool) -> bool:
+        """Whether CPU layers in this format run on zlocal's one-call decode kernel (with bf16
+        compute, every layer on the CPU) when this machine has zlocal's kernels."""
+        return own_kernels and self.zlocal_kernel
+
     def runs_on(self, kernels: dict, device: str) -> bool:
         """Whether a machine with these kernel capabilities (HardwareReport.kernels) runs this
         format on ``device`` ("cuda" or "cpu") when the checkpoint is stored in it."""
@@ -59,6 +64,12 @@ class WeightFormat:
         """The module that runs ``weight`` (a full-precision checkpoint tensor for ``module``, an
         ``nn.Linear`` on the meta device) in this format on ``device``, quantized now; or None to
         keep ``module`` a plain Linear (full-precision formats, shapes the kernels do not take)."""
+        return None
+
+    def use_cpu_kernels(self, model, path, dtype) -> str | None:
+        """Move ``model``'s layers loaded in this format (a checkpoint stored in it, loaded on the
+        CPU from ``path``) onto zlocal's CPU kernels where they take them; returns the plan line
+        saying what moved and what did not, or None when nothing did."""
         return None
 
     def bits_of(self, source_bits: int | None) -> int:

@@ -79,6 +79,10 @@ class BnbInt8(WeightFormat):
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
 
+    def use_cpu_kernels(self, model, path, dtype) -> str | None:
+        swapped = swap_bnb_int8_for_cpu(model, dtype)
+        return f"bitsandbytes int8 layers ({swapped}) run on the fused CPU int8 kernel" if swapped else None
+
 
 @dataclass(frozen=True)
 class Bnb4bit(WeightFormat):
@@ -149,6 +153,52 @@ class Bnb4bit(WeightFormat):
 
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return self.offered_on_load and device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
+
+    def _cpu_share_per_core(self, own_kernels: bool) -> float:
+        # on zlocal's int4 kernel (bnb4_cpu) as its own int4; bitsandbytes' CPU path dequantizes
+        # the whole weight for every product (0.48x llama.cpp's decode on SmolLM2)
+        return 0.42 if own_kernels else 0.12
+
+    def one_call_decode(self, own_kernels: bool) -> bool:
+        return own_kernels
+
+    def use_cpu_kernels(self, model, path, dtype) -> str | None:
+        from .bnb4_cpu import swap_bnb4_for_cpu
+
+        swapped, why_not = swap_bnb4_for_cpu(model, dtype)
+        what = f"bitsandbytes {self.name} layers"
+        lines = [f"{what} ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []
+        lines += [f"{what} left on bitsandbytes' kernel: {why_not}"] if why_not else []
+        return "; ".join(lines) or None
+
+
+def swap_bnb_int8_for_cpu(model, dtype) -> int:
+    """Replace bitsandbytes ``Linear8bitLt`` modules by zlocal's CPU int8 kernel; returns the count.
+
+    bitsandbytes stores the int8 codes and per-row absmax (SCB), so ``w = codes * SCB / 127`` exactly:
+    the swap changes no weight, only the kernel (bitsandbytes' CPU int8 path is ~80x slower and also
+    quantizes activations).
+    """
+    import torch
+
+    from ..cpu_quant import Int8WeightOnlyLinear
+    from ..loader_stream import replace_module
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Linear8bitLt" or getattr(module.weight, "SCB", None) is None:
+            continue
+        codes = module.weight.data
+        if codes.dtype != torch.int8:
+            continue
+        new = Int8WeightOnlyLinear(module.in_features, module.out_features, module.bias is not None, dtype)
+        new.weight = new.pack(codes)
+        new.scales = (module.weight.SCB.float() / 127.0).to(dtype)
+        if module.bias is not None:
+            new.bias = module.bias.data.to(dtype)
+        replace_module(model, name, new)
+        count += 1
+    return count
 
 
 # From the anchors: bitsandbytes NF4 ~12 vs GPTQ ~21 tok/s on one GPU, LLM.int8 ~6.5 vs fp16 ~30.

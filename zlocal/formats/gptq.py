@@ -22,6 +22,14 @@ class Gptq(WeightFormat):
             return any(kernels.get(k) for k in ("gptqmodel_marlin", "gptqmodel_exllama"))
         return bool(kernels.get("gptqmodel_torch"))
 
+    def use_cpu_kernels(self, model, path, dtype) -> str | None:
+        from ..gptq_cpu import swap_gptq_for_cpu
+
+        swapped, why_not = swap_gptq_for_cpu(model, path, dtype)
+        lines = [f"GPTQ layers ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []
+        lines += [f"GPTQ layers left on gptqmodel's kernel: {why_not}"] if why_not else []
+        return "; ".join(lines) or None
+
     def bits_of(self, source_bits: int | None) -> int:
         return self.bits if source_bits is None else source_bits
 

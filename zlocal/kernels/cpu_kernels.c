@@ -23,6 +23,15 @@
     0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, \
     0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000)
 
+/* The code table as vpermw reads it: 16 bf16 values twice. ``codes`` holds the 16 values a code
+   0..15 stands for (bitsandbytes' NF4/FP4 tables, say), or is NULL for the integers 0..15. Any table
+   keeps the kernels' arithmetic: w = table[q] * scale + (zero - 8 * scale) per group. */
+__m512i zl_code_table(const uint16_t *codes) {
+    if (codes == NULL) return BF16_CODES;
+    const __m256i once = _mm256_loadu_si256((const __m256i *)codes);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(once), once, 1);
+}
+
 /* The 64 codes of one chunk of row r, as bf16: low half (codes 0..31) and high half (32..63). */
 #define DECODE(chunk, r, w_lo, w_hi)                                                                \
     __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)((chunk) + (r) * 32))); \
@@ -104,8 +113,7 @@ static void tile_offsets(const float *zterm, const float *xsum, int groups, floa
 
 /* One tile (ROWS output rows) for one row of x, groups of 64 or more codes. */
 static void tile_dot(const uint16_t *x, const uint8_t *tile, const float *scale, const float *offset,
-                     uint16_t *y, int n, int K, int G) {
-    const __m512i table = BF16_CODES;
+                     uint16_t *y, int n, int K, int G, __m512i table) {
     const int groups = K / G;
     __m512 total[ROWS];
     for (int r = 0; r < ROWS; r++) total[r] = _mm512_setzero_ps();
@@ -133,8 +141,7 @@ static void tile_dot(const uint16_t *x, const uint8_t *tile, const float *scale,
    14336 inputs) x no longer stays in L1 beside the weight stream, and reading it once per 8 rows
    instead of 4 made that shape 15-20% faster (it made 4096-wide ones slower). */
 static void tile_pair_dot(const uint16_t *x, const uint8_t *tile, const float *scale, const float *offset,
-                          uint16_t *y, int n, int K, int G) {
-    const __m512i table = BF16_CODES;
+                          uint16_t *y, int n, int K, int G, __m512i table) {
     const int groups = K / G;
     const uint8_t *tiles[2] = {tile, tile + (size_t)ROWS * (K / 2)};
     __m512 total[2 * ROWS];
@@ -165,8 +172,7 @@ static void tile_pair_dot(const uint16_t *x, const uint8_t *tile, const float *s
 
 /* The same for groups of 32: the two halves of each chunk are two groups. */
 static void tile_dot_g32(const uint16_t *x, const uint8_t *tile, const float *scale, const float *offset,
-                         uint16_t *y, int n, int K) {
-    const __m512i table = BF16_CODES;
+                         uint16_t *y, int n, int K, __m512i table) {
     __m512 total[ROWS];
     for (int r = 0; r < ROWS; r++) total[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 64) {
@@ -217,8 +223,7 @@ static inline void sums_store(const Sums *s, const float *zterm, const float *xs
 /* MB rows of x at once (prompts): each chunk's codes are decoded once and used MB times, so prompt
    processing costs dot products rather than decoding. Groups of 64 or more codes. */
 static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const float *scale, const float *zterm,
-                          const float *xsum, uint16_t *y, int n, int N, int K, int G) {
-    const __m512i table = BF16_CODES;
+                          const float *xsum, uint16_t *y, int n, int N, int K, int G, __m512i table) {
     const int groups = K / G;
     Sums sums;
     sums_init(&sums);
@@ -248,8 +253,7 @@ static void tile_dot_rows(const uint16_t *x, const uint8_t *tile, const float *s
 
 /* tile_dot_rows for groups of 32: each half of a chunk is a group of its own. */
 static void tile_dot_rows_g32(const uint16_t *x, const uint8_t *tile, const float *scale, const float *zterm,
-                              const float *xsum, uint16_t *y, int n, int N, int K) {
-    const __m512i table = BF16_CODES;
+                              const float *xsum, uint16_t *y, int n, int N, int K, __m512i table) {
     const int groups = K / 32;
     Sums sums;
     sums_init(&sums);
@@ -282,7 +286,7 @@ void zl_group_sums(const uint16_t *x, int K, int G, float *xsum) {
 }
 
 void zl_int4_tile_m1(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-                         int t, int pair, int K, int G, const float *xsum) {
+                     int t, int pair, int K, int G, const float *xsum, __m512i table) {
     const int groups = K / G;
     const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
     float scale[2 * groups * ROWS], offset[2 * ROWS];
@@ -290,11 +294,11 @@ void zl_int4_tile_m1(const uint16_t *x, const uint8_t *w, const uint16_t *sz, ui
         tile_scales_offsets(sz + (size_t)(t + p) * groups * ROWS * 2, groups, xsum,
                             scale + p * groups * ROWS, offset + p * ROWS);
     if (pair == 2)
-        tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+        tile_pair_dot(x, tile, scale, offset, y, t * ROWS, K, G, table);
     else if (G == 32)
-        tile_dot_g32(x, tile, scale, offset, y, t * ROWS, K);
+        tile_dot_g32(x, tile, scale, offset, y, t * ROWS, K, table);
     else
-        tile_dot(x, tile, scale, offset, y, t * ROWS, K, G);
+        tile_dot(x, tile, scale, offset, y, t * ROWS, K, G, table);
 }
 
 /* one token, long rows, groups of 64+: tiles go in pairs that share each load of x (tile_pair_dot) */
@@ -312,9 +316,9 @@ int zl_int4_shape_ok(int N, int K, int G) {
 
 int zl_int8_shape_ok(int N, int K) { return N > 0 && K > 0 && N % ROWS == 0 && K % 64 == 0; }
 
-/* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight. Returns 0, -1 when out of memory, or
+/* y[M][N] (bf16) = x[M][K] (bf16) times the int4 weight (``codes``: see zl_code_table). Returns 0, -1 when out of memory, or
  * ZL_EBADSHAPE for a shape outside zl_int4_shape_ok (nothing is read or written then). */
-int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, const uint16_t *codes, uint16_t *y,
                int M, int N, int K, int G, int threads) {
     if (M < 1 || threads < 1 || !zl_int4_shape_ok(N, K, G) || !x || !w || !sz || !y) return ZL_EBADSHAPE;
     const int groups = K / G;
@@ -324,11 +328,12 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
     for (int m = 0; m < M; m++) zl_group_sums(x + (size_t)m * K, K, G, xsum + m * groups);
     const int tiles = N / ROWS;
     const int pair = zl_int4_pairing(M, N, K, G);
+    const __m512i table = zl_code_table(codes);
     /* static schedule: each thread reads one contiguous run of tiles, which the prefetcher follows */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t += pair) {
         if (M == 1) {
-            zl_int4_tile_m1(x, w, sz, y, t, pair, K, G, xsum);
+            zl_int4_tile_m1(x, w, sz, y, t, pair, K, G, xsum, table);
             continue;
         }
         const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
@@ -338,30 +343,34 @@ int zl_int4_mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t
         for (; m + MB <= M; m += MB) {
             const float *xs = xsum + m * groups;
             if (G == 32)
-                tile_dot_rows_g32(x + (size_t)m * K, tile, scale, zterm, xs, y + (size_t)m * N, t * ROWS, N, K);
+                tile_dot_rows_g32(x + (size_t)m * K, tile, scale, zterm, xs, y + (size_t)m * N, t * ROWS, N, K, table);
             else
-                tile_dot_rows(x + (size_t)m * K, tile, scale, zterm, xs, y + (size_t)m * N, t * ROWS, N, K, G);
+                tile_dot_rows(x + (size_t)m * K, tile, scale, zterm, xs, y + (size_t)m * N, t * ROWS, N, K, G, table);
         }
         for (; m < M; m++) {
             float offset[ROWS];
             tile_offsets(zterm, xsum + m * groups, groups, offset);
             if (G == 32)
-                tile_dot_g32(x + (size_t)m * K, tile, scale, offset, y + (size_t)m * N, t * ROWS, K);
+                tile_dot_g32(x + (size_t)m * K, tile, scale, offset, y + (size_t)m * N, t * ROWS, K, table);
             else
-                tile_dot(x + (size_t)m * K, tile, scale, offset, y + (size_t)m * N, t * ROWS, K, G);
+                tile_dot(x + (size_t)m * K, tile, scale, offset, y + (size_t)m * N, t * ROWS, K, G, table);
         }
     }
     if (xsum != small) free(xsum);
     return 0;
 }
 
-/* Rows of the int4 weight as bf16, w = q * scale + (zero - 8 * scale) in fp32, rounded once (to nearest
+/* Rows of the int4 weight as bf16, w = table[q] * scale + (zero - 8 * scale) in fp32, rounded once (to nearest
  * even) to bf16: the block-wise prompt path multiplies these with oneDNN's bf16 GEMM. w and sz start at
  * a tile; rows % 4 == 0; out is [rows][K]. One pass, vectorized: the torch ops it replaces (unpack,
  * subtract, scale, shift) took longer than the GEMM itself. */
-int zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int rows, int K, int G, int threads) {
+int zl_int4_dequant(const uint8_t *w, const uint16_t *sz, const uint16_t *codes, uint16_t *out, int rows, int K,
+                    int G, int threads) {
     if (threads < 1 || !zl_int4_shape_ok(rows, K, G) || !w || !sz || !out) return ZL_EBADSHAPE;
     const int groups = K / G, tiles = rows / ROWS;
+    /* the table's 16 values as floats, looked up by each code's 32-bit lane */
+    const __m512 values = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(zl_code_table(codes))), 16));
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t++) {
         const uint8_t *tile = w + (size_t)t * ROWS * (K / 2);
@@ -379,7 +388,7 @@ int zl_int4_dequant(const uint8_t *w, const uint16_t *sz, uint16_t *out, int row
                     for (int q = 0; q < 2; q++) { /* bytes 16q..16q+15 -> codes 32 half + 16q .. */
                         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(chunk + r * 32 + 16 * q)));
                         __m512i code = half ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
-                        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), vs, vz);
+                        __m512 v = _mm512_fmadd_ps(_mm512_permutexvar_ps(code, values), vs, vz);
                         _mm256_storeu_si256((__m256i *)(o + half * 32 + 16 * q), (__m256i)_mm512_cvtneps_pbh(v));
                     }
                 }

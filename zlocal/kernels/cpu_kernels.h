@@ -35,9 +35,11 @@ int zl_int4_shape_ok(int N, int K, int G);
 int zl_int8_shape_ok(int N, int K);
 /* The sums of x over each group of G inputs (G % 16 == 0), for the zero-point offsets. */
 void zl_group_sums(const uint16_t *x, int K, int G, float *xsum);
+/* The int4 code table in a register: ``codes`` (16 bf16 values) or, when NULL, the integers 0..15. */
+__m512i zl_code_table(const uint16_t *codes);
 /* One token: rows 4t.. of y (or 4t.. and 4t+4.. with pair == 2) from tile t of the int4 weight. */
 void zl_int4_tile_m1(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-                     int t, int pair, int K, int G, const float *xsum);
+                     int t, int pair, int K, int G, const float *xsum, __m512i table);
 /* 2 where one-token tiles go in pairs that share each load of x, else 1 */
 int zl_int4_pairing(int M, int N, int K, int G);
 /* Rows 4t..4t+3 of y (one row of x) from tile t of the int8 weight. */

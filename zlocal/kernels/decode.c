@@ -14,6 +14,7 @@ typedef struct {
     int N, K, G;
     const void *w;
     const uint16_t *s;        /* int4: tiled scales and zeros; int8: per-row scales */
+    const uint16_t *codes;    /* int4: the 16 values of the codes (NULL: 0..15, see zl_code_table) */
 } ZlMat;
 
 typedef struct {
@@ -44,9 +45,10 @@ static void mat_vec(const ZlMat *m, const uint16_t *x, uint16_t *y) {
     float xsum[m->K / m->G]; /* every thread sums x itself: K adds, cheaper than another barrier */
     zl_group_sums(x, m->K, m->G, xsum);
     const int pair = zl_int4_pairing(1, m->N, m->K, m->G);
+    const __m512i table = zl_code_table(m->codes);
     #pragma omp for schedule(static)
     for (int t = 0; t < m->N / ROWS; t += pair)
-        zl_int4_tile_m1(x, (const uint8_t *)m->w, m->s, y, t, pair, m->K, m->G, xsum);
+        zl_int4_tile_m1(x, (const uint8_t *)m->w, m->s, y, t, pair, m->K, m->G, xsum, table);
 }
 
 /* out = w * bf16(x * rsqrt(mean(x^2) + eps)), as zlocal's torch RMSNorm rounds it */
