@@ -140,6 +140,13 @@ def test_page_streams_a_reply_and_stop_cancels_it_on_the_server(browser, secured
 def test_json_schema_mode_sends_the_schema_and_shows_the_outcome(browser, secured):
     browser.open(secured.url("/"), READY)
     browser.type_into("api-key", API_KEY)
+    # Out-of-range settings are the server's to refuse: its 400 names the field, on the page.
+    browser.type_into("temperature", "7")
+    browser.type_into("prompt", "Name a city")
+    browser.js("document.getElementById('send').click()")
+    assert browser.wait_for(FINISHED) == "error"
+    assert "400" in page_text(browser, ".msg.error") and "temperature" in page_text(browser, ".msg.error")
+
     browser.type_into("temperature", "0")
     browser.type_into("max-tokens", "24")
     browser.js("document.getElementById('json-mode').click()")
@@ -152,6 +159,10 @@ def test_json_schema_mode_sends_the_schema_and_shows_the_outcome(browser, secure
     browser.js("document.getElementById('send').click()")
     assert browser.wait_for(FINISHED) == "error"
     assert "not valid JSON" in page_text(browser, ".msg.error")
+    browser.type_into("schema", "[]")
+    browser.js("document.getElementById('send').click()")
+    assert browser.wait_for(FINISHED) == "error"
+    assert "must be a JSON object" in page_text(browser, ".msg.error")
     assert browser.requests_to("/v1/chat/completions") == []
 
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
