@@ -87,8 +87,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _pick(logits, params: SamplingParams, seen, rng) -> tuple[int, TokenLogprob | None]:
-    """The next token, and its logprobs when asked for (the default path computes nothing extra)."""
+def _pick(logits, params: SamplingParams, seen, rng, constraint=None) -> tuple[int, TokenLogprob | None]:
+    """The next token, and its logprobs when asked for (the default path computes nothing extra).
+
+    A grammar ``constraint`` masks the logits first, so the penalty, the temperature, every filter,
+    greedy and sampled draws, and the reported logprobs all see only the tokens it allows.
+    """
+    if constraint is not None:
+        logits = constraint.mask(logits)
     if not params.logprobs:
         return sample(logits, params, seen, rng), None
     # The same adjusted logits feed the draw and the reported distribution (see zlocal.logprobs).
@@ -219,8 +225,13 @@ class Engine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
+        constraint=None,
     ) -> Iterator[GenerationResponse]:
-        """Stream a completion of ``prompt_ids``. The caller holds the runtime lock."""
+        """Stream a completion of ``prompt_ids``. The caller holds the runtime lock.
+
+        ``constraint`` (a ``grammar.TokenConstraint``) limits every token to what its grammar
+        allows; the answer ends with finish_reason "stop" as soon as the grammar is complete.
+        """
         prompt_ids = [int(i) for i in prompt_ids]
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         rng = make_generator(params.seed)
@@ -259,19 +270,21 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            token, lp = _pick(logits, params, seen if penalize else None, rng)
+            token, lp = _pick(logits, params, seen if penalize else None, rng, constraint)
             if generated == 0:
                 t_first = time.perf_counter() - t0
                 t_decode = time.perf_counter()
             if token in self.stop_token_ids:
                 finish = "stop"
                 break
+            if constraint is not None:
+                constraint.accept(token)
             generated += 1
             self.stats.generated_tokens += 1
             text = stopper.feed(decoder.push(token))
             # One response per token, even when it completes no character yet (token ids stay whole).
             yield response(text, token, lp=lp)
-            if stopper.stopped:
+            if stopper.stopped or (constraint is not None and constraint.done):
                 finish = "stop"
                 break
             if generated >= params.max_new_tokens:

@@ -10,12 +10,15 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .completion import Completion, LoadInfo
 from .engine import Engine, GenerationResponse
 from .errors import BusyError, CheckpointError, ContextOverflowError, InvalidArgumentError
+from .grammar import Grammar, GrammarCompiler
+from .grammar_format import StructuredChat, plan_chat, response_grammar
 from .loader import load_config, load_for_runtime
 from .logprobs import TokenTexts, chat_entry, legacy_logprobs
 from .resolve import DEFAULT_MODEL, ResolvedModel, resolve_model
@@ -23,46 +26,8 @@ from .sampling import SamplingParams
 from .template import ChatTemplate, build_template, validate_messages
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_STRUCTURED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 _ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
-
-
-@dataclass
-class Completion:
-    """A finished generation: text plus token ids, counts and timings."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    reused_tokens: int
-    finish_reason: str
-    prompt_tps: float
-    generation_tps: float
-    time_to_first_token: float
-    total_time: float
-    # With logprobs=True: one OpenAI chat ``logprobs.content`` entry per generated token
-    # ({token, logprob, bytes, top_logprobs}), and the same data in the legacy text-completion
-    # shape ({tokens, token_logprobs, top_logprobs, text_offset}). None otherwise.
-    logprobs: list[dict[str, Any]] | None = None
-    text_logprobs: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
-class LoadInfo:
-    """What the runtime loaded and how (shown by the CLI, returned to embedders)."""
-
-    model: str
-    path: str
-    source: str
-    device: str
-    dtype: str
-    max_context: int
-    template: str
-    load_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _AnyEvent:
@@ -112,6 +77,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._token_texts: TokenTexts | None = None
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     @property
     def token_texts(self) -> TokenTexts:
@@ -119,6 +86,16 @@ class Runtime:
         if self._token_texts is None:
             self._token_texts = TokenTexts(self.tokenizer)
         return self._token_texts
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this model: its vocabulary compiled once (on first use), then
+        an LRU of compiled schemas (zlocal.grammar)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                n_vocab = self.model.config.get_text_config(decoder=True).vocab_size
+                self._grammars = GrammarCompiler(self.tokenizer, n_vocab, self.template.stop_token_ids)
+            return self._grammars
 
     # -- prompt building -------------------------------------------------------------------------
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -151,14 +128,19 @@ class Runtime:
         cancel: threading.Event | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        grammar: Grammar | None = None,
         **sampling,
     ) -> Iterator[GenerationResponse]:
-        """Stream a completion of raw token ids. Holds the runtime lock while iterating."""
+        """Stream a completion of raw token ids. Holds the runtime lock while iterating.
+
+        ``grammar`` (from ``self.grammars``) constrains every token; a fresh matcher runs per call.
+        """
         params = sampling_params(self.sampling_defaults, **sampling)
         self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
-        return self._locked_stream(list(prompt_ids), params, cancel, wait, timeout)
+        constraint = self.grammars.constraint(grammar) if grammar is not None else None
+        return self._locked_stream(list(prompt_ids), params, cancel, wait, timeout, constraint)
 
-    def _locked_stream(self, prompt_ids, params, cancel, wait, timeout):
+    def _locked_stream(self, prompt_ids, params, cancel, wait, timeout, constraint=None):
         acquired = self._lock.acquire(
             blocking=wait, timeout=timeout if (wait and timeout is not None) else -1
         )
@@ -166,25 +148,57 @@ class Runtime:
             raise BusyError("another generation is running on this runtime; wait for it or cancel it")
         try:
             self._cancel.clear()
-            yield from self.engine.generate(prompt_ids, params, _AnyEvent(self._cancel, cancel))
+            yield from self.engine.generate(prompt_ids, params, _AnyEvent(self._cancel, cancel), constraint)
         finally:
             self._lock.release()
 
-    def stream_chat(self, messages: Sequence[dict[str, str]], **sampling) -> Iterator[GenerationResponse]:
-        """Stream the assistant's reply to ``messages`` as GenerationResponse objects (``.text`` deltas)."""
-        return self.stream_tokens(self.encode_chat(messages), **sampling)
+    def plan_chat(self, messages: Sequence[dict[str, Any]], **structured) -> StructuredChat:
+        """Prompt ids, grammar and reply parser of a chat request (``response_format``, ``tools``,
+        ``tool_choice``, ``parallel_tool_calls``; see zlocal.grammar_format)."""
+        return plan_chat(self, messages, **structured)
 
-    def chat_completion(self, messages: Sequence[dict[str, str]], **sampling) -> Completion:
+    def stream_chat(
+        self, messages: Sequence[dict[str, Any]], *, structured: StructuredChat | None = None, **sampling
+    ) -> Iterator[GenerationResponse]:
+        """Stream the assistant's reply to ``messages`` as GenerationResponse objects (``.text`` deltas).
+
+        ``response_format=``/``tools=`` (see ``chat_completion``) constrain the reply; the deltas are
+        its raw text (tool calls in their ``<tool_call>`` form, see zlocal.tools).
+        """
+        kw = {k: sampling.pop(k) for k in _STRUCTURED if k in sampling}
+        plan = structured or self.plan_chat(messages, **kw)
+        return self.stream_tokens(plan.prompt_ids, grammar=plan.grammar, **sampling)
+
+    def chat_completion(self, messages: Sequence[dict[str, Any]], **sampling) -> Completion:
         """Generate the assistant's reply and return it with counts and timings.
 
         ``logprobs=True`` (and ``top_logprobs=k``, 0..20) fills ``Completion.logprobs`` with what the
-        server's ``choices[0].logprobs.content`` holds; see zlocal.logprobs for the distribution.
-        """
-        return self._collect(self.stream_chat(messages, **sampling), bool(sampling.get("logprobs")))
+        server's ``choices[0].logprobs.content`` holds; see zlocal.logprobs for the distribution
+        (with a grammar: the masked one, forbidden tokens at -inf).
 
-    def chat(self, messages: Sequence[dict[str, str]], **sampling) -> str:
-        """Return the assistant's reply to ``messages`` as a string."""
-        return self.chat_completion(messages, **sampling).text
+        ``response_format``: a JSON schema dict, a pydantic model class, or an OpenAI
+        ``{"type": "json_object" | "json_schema", ...}`` dict; the reply is constrained to it and
+        ``Completion.parsed`` holds the parsed value. ``tools`` (OpenAI tool dicts or
+        zlocal.tools.FunctionTool), ``tool_choice`` and ``parallel_tool_calls``: ``Completion.tool_calls``
+        holds typed ToolCall objects and ``finish_reason`` is "tool_calls" when the model called any.
+        """
+        kw = {k: sampling.pop(k) for k in _STRUCTURED if k in sampling}
+        plan = self.plan_chat(messages, **kw)
+        done = self._collect(
+            self.stream_chat(messages, structured=plan, **sampling), bool(sampling.get("logprobs"))
+        )
+        done.content, done.parsed, done.tool_calls = plan.read(done.text)
+        if done.tool_calls:
+            done.finish_reason = "tool_calls"
+        return done
+
+    def chat(self, messages: Sequence[dict[str, Any]], **sampling) -> Any:
+        """The assistant's reply to ``messages``: its text; with ``response_format`` the parsed value
+        (None if cut short); with ``tools`` the list of ToolCall when the model called any, else the text."""
+        done = self.chat_completion(messages, **sampling)
+        if sampling.get("response_format") is not None and not sampling.get("tools"):
+            return done.parsed
+        return done.tool_calls or done.text
 
     def stream_generate(self, prompt: str | Sequence[int], **sampling) -> Iterator[GenerationResponse]:
         """Stream a raw completion of a text prompt (no chat template) or of token ids."""
@@ -274,10 +288,16 @@ class ChatSession:
             self.messages = self.messages[cut:]
             self.dropped_turns += 1
 
-    def stream(self, user_text: str, **sampling) -> Iterator[GenerationResponse]:
-        """Send a user message; stream the reply; the reply is appended to the history."""
+    def stream(self, user_text: str, response_format: Any = None, **sampling) -> Iterator[GenerationResponse]:
+        """Send a user message; stream the reply; the reply is appended to the history.
+
+        ``response_format`` (as in ``Runtime.chat_completion``) constrains this turn's reply.
+        """
         validate_messages([{"role": "user", "content": user_text}])
         params = sampling_params(self.runtime.sampling_defaults, **sampling)
+        grammar, _ = response_grammar(self.runtime.grammars, response_format)
+        if grammar is not None:
+            sampling["grammar"] = grammar
         self.messages.append({"role": "user", "content": user_text})
         try:
             ids = self._prompt(params.max_new_tokens)

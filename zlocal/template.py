@@ -6,6 +6,7 @@ assistant turns with a token the runtime can stop on.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -95,6 +96,12 @@ class ChatTemplate:
     stop_token_ids: list[int] = field(default_factory=list)
     supports_system: bool = True
 
+    @property
+    def supports_tools(self) -> bool:
+        """The template renders tool definitions itself (its source reads the ``tools`` variable);
+        otherwise zlocal.tools writes them into the system message."""
+        return re.search(r"\btools\b", self.source) is not None
+
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages to the exact prompt string the runtime feeds the model."""
         msgs = validate_messages(messages)
@@ -112,6 +119,22 @@ class ChatTemplate:
             "add_generation_prompt": add_generation_prompt,
         }
         return render_chat_template(self.source, context, self.origin)
+
+    def render_tools(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        """Render a tool conversation with the template's own tool support: ``tools`` are OpenAI
+        tool objects, messages may hold assistant ``tool_calls`` and ``tool`` results."""
+        context = {
+            **(getattr(self.tokenizer, "special_tokens_map", None) or {}),
+            "messages": [dict(m) for m in messages],
+            "tools": tools or None,
+            "documents": None,
+            "add_generation_prompt": True,
+        }
+        return render_chat_template(self.source, context, self.origin)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of an already rendered prompt (no special tokens added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Render and tokenize; ids equal ``tokenizer.apply_chat_template(..., tokenize=True)``."""
