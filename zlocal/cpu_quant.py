@@ -317,6 +317,12 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         return super().extra_repr() + f", group_size={self.group_size}{table}"
 
 
+def same_codes(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two int4 modules' codes stand for the same values (their code tables, if any)."""
+    ta, tb = getattr(a, "codes", None), getattr(b, "codes", None)
+    return (ta is None and tb is None) or (ta is not None and tb is not None and torch.equal(ta, tb))
+
+
 def quantized_tensors(
     weight: torch.Tensor, bits: int, dtype: torch.dtype, group_size: int = 128, layout: str | None = None
 ) -> dict:

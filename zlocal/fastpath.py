@@ -217,12 +217,6 @@ def _dense(weight: torch.Tensor):
     return proj
 
 
-def _same_codes(a, b) -> bool:
-    """Whether two int4 modules' codes stand for the same values (their code tables, if any)."""
-    ta, tb = getattr(a, "codes", None), getattr(b, "codes", None)
-    return (ta is None and tb is None) or (ta is not None and tb is not None and torch.equal(ta, tb))
-
-
 def _fuse_quantized(linears: list):
     """One zlocal CPU int8/int4 module for several with the same input (q/k/v, gate/up), or None.
 
@@ -233,6 +227,7 @@ def _fuse_quantized(linears: list):
     whole number of blocks (``row_block``). The originals are re-pointed at views of the fused
     weight, so memory is not doubled; their small scale tensors stay separate copies.
     """
+    from . import cpu_quant
     from .cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     first = linears[0]
@@ -249,7 +244,7 @@ def _fuse_quantized(linears: list):
             return None
         if lin.layout != first.layout or lin.out_features % lin.row_block:
             return None
-        if not _same_codes(lin, first):
+        if not cpu_quant.same_codes(lin, first):
             return None
     out_f = sum(lin.out_features for lin in linears)
     if kind is Int8WeightOnlyLinear:
