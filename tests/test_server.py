@@ -145,6 +145,7 @@ def test_tokenize_counts_what_the_completion_bills(server):
 
 # -- validation: 400 with an OpenAI error object, never a 500 ------------------------------------------
 LONG = "word " * 3000
+G = {"type": "function", "function": {"name": "g"}}
 BAD = {
     "malformed json": (b'{"messages": [', None),
     "empty body": (b"", None),
@@ -181,8 +182,14 @@ BAD = {
     "prompt + max_tokens over context": ({"messages": HI, "max_tokens": 500}, "max_tokens"),
     "n > 4": ({"messages": HI, "n": 5}, "n"),
     "n 0": ({"messages": HI, "n": 0}, "n"),
-    "tools": ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    "json mode": ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    "tool_choice names no tool": (
+        {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": G},
+        "tool_choice.function.name",
+    ),
+    "json_schema without schema": (
+        {"messages": HI, "response_format": {"type": "json_schema"}},
+        "response_format.json_schema",
+    ),
     "top_logprobs > 20": ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     "top_logprobs without logprobs": ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
     "logprobs not bool": ({"messages": HI, "logprobs": 3}, "logprobs"),

@@ -21,6 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .errors import InvalidArgumentError, TemplateError
+from .grammar import SchemaError
+from .grammar_format import response_grammar
+from .grammar_schema import error_param, schema_error_code, tool_choice_value
 from .server_budget import run_and_trim
 from .server_queue import GenerationQueue, QueueFullError, ShuttingDownError
 from .server_responses import Reply, complete_job, stream_job
@@ -91,13 +94,15 @@ def add_generation_routes(
             ticket = queue.admit()
             try:
                 raw = await read_body(request)
-                req, ids, sampling = await queue.prepare(run_and_trim, prepare, raw)
+                req, ids, sampling, tools = await queue.prepare(run_and_trim, prepare, raw)
                 n = req.n or 1
                 job = queue.submit(ids, sampling, tag=cid, ticket=ticket, runs=n)
             finally:
                 queue.release(ticket)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        reply = Reply(cid, served[0], chat, n, texts() if sampling.get("logprobs") else None, include_usage)
+        reply = Reply(
+            cid, served[0], chat, n, texts() if sampling.get("logprobs") else None, include_usage, tools
+        )
         if req.stream:
             return StreamingResponse(
                 stream_job(queue, job, reply),
@@ -135,15 +140,35 @@ def prepare_chat(runtime, default_max_tokens: int | None, served: tuple[str, ...
     """Parse a chat body and tokenize it (on the prep thread): (request, prompt ids, sampling)."""
     req = parse_chat_request(raw)
     check_model(req.model, served)
-    try:
-        ids = runtime.encode_chat(plain_messages(req.messages))
-    except (TemplateError, InvalidArgumentError) as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from exc
+    with structured_errors("messages"):
+        plan = runtime.plan_chat(
+            plain_messages(req.messages),
+            response_format=req.response_format.as_dict() if req.response_format else None,
+            tools=[t.model_dump() for t in req.tools] if req.tools else None,
+            tool_choice=tool_choice_value(req.tool_choice),
+            parallel_tool_calls=req.parallel_tool_calls,
+        )
+    ids = plan.prompt_ids
     sampling = build_sampling(runtime, req, ids, default_max_tokens, "messages")
+    if plan.grammar is not None:
+        sampling["grammar"] = plan.grammar
     if req.logprobs:
         sampling["logprobs"] = True
         sampling["top_logprobs"] = req.top_logprobs or 0
-    return req, ids, sampling
+    return req, ids, sampling, plan.tools is not None and plan.tools.mode != "none"
+
+
+@contextlib.contextmanager
+def structured_errors(default_param: str):
+    """Template, tool and schema errors as a 400 naming the field (the keyword for a schema
+    feature the grammar engine cannot enforce)."""
+    try:
+        yield
+    except (TemplateError, InvalidArgumentError) as exc:
+        param = error_param(exc, default_param) if isinstance(exc, InvalidArgumentError) else default_param
+        if isinstance(exc, SchemaError) and param == default_param:
+            param = "response_format.json_schema.schema"
+        raise APIError(400, str(exc), param=param, code=schema_error_code(exc)) from exc
 
 
 def prepare_completion(runtime, default_max_tokens: int | None, served: tuple[str, ...], raw: bytes):
@@ -166,10 +191,15 @@ def prepare_completion(runtime, default_max_tokens: int | None, served: tuple[st
     if not ids:
         raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
     sampling = build_sampling(runtime, req, ids, default_max_tokens, "prompt")
+    if req.response_format is not None:
+        with structured_errors("response_format"):
+            grammar, _ = response_grammar(runtime.grammars, req.response_format.as_dict())
+        if grammar is not None:
+            sampling["grammar"] = grammar
     if req.logprobs is not None:
         sampling["logprobs"] = True
         sampling["top_logprobs"] = req.logprobs
-    return req, ids, sampling
+    return req, ids, sampling, False
 
 
 def build_sampling(

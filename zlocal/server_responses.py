@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from .logprobs import TokenTexts, chat_entry, legacy_logprobs
 from .server_queue import DONE, GenerationQueue, Job, JobError
 from .server_schema import APIError
+from .tools import ToolCallStream, parse_tool_calls
 
 
 @dataclass
@@ -34,17 +35,19 @@ class Reply:
     n: int = 1
     texts: TokenTexts | None = None  # set when logprobs were asked for
     include_usage: bool = False
+    tools: bool = False  # tools were offered: the reply is text or <tool_call> blocks (zlocal.tools)
 
 
 class _Choice:
     """One choice being collected: its text and the logprobs not yet sent."""
 
-    def __init__(self):
+    def __init__(self, tools: bool = False):
         self.parts: list[str] = []
         self.lps: list = []
         self.offsets: list[int] = []
         self.chars = 0
         self.sent = 0  # logprobs already streamed
+        self.calls = ToolCallStream() if tools else None
 
     def add(self, resp) -> None:
         if resp.logprob is not None:
@@ -91,8 +94,34 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _final_reason(reason: str | None) -> str:
+def _final_reason(reason: str | None, called: bool = False) -> str:
+    if called:
+        return "tool_calls"
     return "length" if reason == "length" else "stop"
+
+
+def _deltas(reply: Reply, created: int, index: int, choice: _Choice, text: str):
+    """The chunks one response's text becomes: a content delta, or with tools the content and the
+    tool calls completed so far (each call: its id and name, then its arguments)."""
+    if choice.calls is None:
+        if text:
+            yield _chunk(reply, created, index, text, choice.take(reply), None)
+        return
+    content, calls = choice.calls.feed(text)
+    if content:
+        yield _chunk(reply, created, index, content, choice.take(reply), None)
+    for call in calls:
+        head = {"index": call.index, "id": call.call.id, "type": "function"}
+        head["function"] = {"name": call.call.name, "arguments": ""}
+        yield _tool_chunk(reply, created, index, head, None)
+        args = {"index": call.index, "function": {"arguments": call.call.arguments}}
+        yield _tool_chunk(reply, created, index, args, choice.take(reply))
+
+
+def _tool_chunk(reply: Reply, created: int, index: int, call: dict[str, Any], logprobs):
+    chunk = _chunk(reply, created, index, None, logprobs, None)
+    chunk["choices"][0]["delta"] = {"tool_calls": [call]}
+    return chunk
 
 
 def _cancelled() -> APIError:
@@ -106,7 +135,7 @@ async def stream_job(queue: GenerationQueue, job: Job, reply: Reply) -> AsyncIte
     created = int(time.time())
     finished = False
     try:
-        index, choice, last, completion = 0, _Choice(), None, 0
+        index, choice, last, completion = 0, _Choice(reply.tools), None, 0
         if reply.chat:
             yield _sse(_chunk(reply, created, 0, None, None, None, role=True))
         while True:
@@ -124,15 +153,16 @@ async def stream_job(queue: GenerationQueue, job: Job, reply: Reply) -> AsyncIte
                 yield _sse(_chunk(reply, created, index, None, None, None, role=True))
             last = item
             choice.add(item)
-            if item.text:
-                yield _sse(_chunk(reply, created, index, item.text, choice.take(reply), None))
+            for chunk in _deltas(reply, created, index, choice, item.text):
+                yield _sse(chunk)
             if item.finish_reason is None or item.finish_reason == "cancelled":
                 continue
             if choice.sent < len(choice.lps):  # tokens whose text never showed (e.g. cut by a stop)
                 yield _sse(_chunk(reply, created, index, "", choice.take(reply), None))
-            yield _sse(_chunk(reply, created, index, None, None, _final_reason(item.finish_reason)))
+            reason = _final_reason(item.finish_reason, choice.calls is not None and choice.calls.count > 0)
+            yield _sse(_chunk(reply, created, index, None, None, reason))
             completion += item.generation_tokens
-            index, choice = index + 1, _Choice()
+            index, choice = index + 1, _Choice(reply.tools)
         if last is None or index < reply.n:
             yield _sse(_cancelled().body())
         elif reply.include_usage:
@@ -157,7 +187,7 @@ async def _watch_disconnect(request: Request, queue: GenerationQueue, job: Job) 
 async def _collect(queue: GenerationQueue, job: Job, request: Request):
     """All choices of a job as (choice, last response) pairs; raises the job's error."""
     watcher = asyncio.create_task(_watch_disconnect(request, queue, job))
-    done, error, choices, choice = False, None, [], _Choice()
+    done, error, choices, choice = False, None, [], _Choice()  # tool calls are parsed at the end
     try:
         while True:
             item = await job.out.get()
@@ -189,12 +219,16 @@ async def complete_job(queue: GenerationQueue, job: Job, reply: Reply, request: 
     for index, (choice, last) in enumerate(choices):
         text = "".join(choice.parts)
         entry: dict[str, Any] = {"index": index}
+        calls = []
         if reply.chat:
-            entry["message"] = {"role": "assistant", "content": text}
+            content, calls = parse_tool_calls(text) if reply.tools else (text, [])
+            entry["message"] = {"role": "assistant", "content": content}
+            if calls:
+                entry["message"]["tool_calls"] = [c.to_openai() for c in calls]
         else:
             entry["text"] = text
         entry["logprobs"] = _logprobs(reply, choice.lps, choice.offsets)
-        entry["finish_reason"] = _final_reason(last.finish_reason)
+        entry["finish_reason"] = _final_reason(last.finish_reason, bool(calls))
         out.append(entry)
     last = choices[-1][1]
     body = {

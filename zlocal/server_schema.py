@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .grammar_schema import MAX_TOOLS, MessageToolCall, NamedToolChoice, ResponseFormat, ToolSpec
+
 # OpenAI fields accepted and ignored without effect (clients send them routinely; they change
 # nothing a local single-user server could honour). The README lists them.
 IGNORED_FIELDS: tuple[str, ...] = (
@@ -19,7 +21,6 @@ IGNORED_FIELDS: tuple[str, ...] = (
     "metadata",
     "store",
     "service_tier",
-    "parallel_tool_calls",
     "prompt_cache_key",
     "safety_identifier",
     "reasoning_effort",
@@ -33,11 +34,8 @@ REJECTED_UNLESS_NEUTRAL: dict[str, str] = {
     "frequency_penalty": "0",
     "presence_penalty": "0",
     "logit_bias": "{} or null",
-    "tools": "[] or null",
-    "tool_choice": '"none" or null',
-    "functions": "[] or null",
-    "function_call": '"none" or null',
-    "response_format": '{"type": "text"}',
+    "functions": "[] or null (use tools)",
+    "function_call": '"none" or null (use tool_choice)',
     "modalities": '["text"]',
     "audio": "null",
     "prediction": "null",
@@ -50,8 +48,6 @@ _NEUTRAL_VALUES: dict[str, tuple] = {
     "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "modalities": (None, ["text"]),
@@ -133,19 +129,22 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     """One chat turn. ``developer`` is accepted as a synonym of ``system``; ``name`` is ignored.
-    ``content`` is a string or a list of text parts (joined in order with no separator)."""
+    ``content`` is a string or a list of text parts (joined in order with no separator); it may be
+    null only in an assistant turn with ``tool_calls``. A ``tool`` turn answers ``tool_call_id``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] = Field(max_length=MAX_BODY_BYTES)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(default=None, max_length=MAX_BODY_BYTES)
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     @property
     def text(self) -> str:
         """The content as one string."""
-        if isinstance(self.content, str):
-            return self.content
+        if isinstance(self.content, str) or self.content is None:
+            return self.content or ""
         return "".join(part.text or "" for part in self.content)
 
 
@@ -153,12 +152,6 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: str
 
 
 class _SamplingRequest(BaseModel):
@@ -198,12 +191,13 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs")
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -225,6 +219,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(
         default=None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="alternatives per token (null: off)"
     )
+    response_format: ResponseFormat | None = None
     # Neutral-only fields (see REJECTED_UNLESS_NEUTRAL).
     echo: bool | None = None
     suffix: str | None = None
@@ -335,9 +330,6 @@ def check_neutral(req: BaseModel) -> None:
     for name, neutral in _NEUTRAL_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in neutral:
             _unsupported(name)
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
-        _unsupported("response_format")
 
 
 def _unsupported(name: str) -> None:
@@ -352,7 +344,8 @@ def _unsupported(name: str) -> None:
 def check_content(messages: list[ChatMessage]) -> None:
     """400 naming the first content part that is not text (or text without its ``text``)."""
     for i, m in enumerate(messages):
-        if isinstance(m.content, str):
+        _check_turn(i, m)
+        if isinstance(m.content, str) or m.content is None:
             continue
         for j, part in enumerate(m.content):
             where = f"messages[{i}].content[{j}]"
@@ -373,6 +366,22 @@ def check_content(messages: list[ChatMessage]) -> None:
                     param=f"{where}.{field}",
                     code="invalid_value",
                 )
+
+
+def _check_turn(i: int, m: ChatMessage) -> None:
+    """content is required except in an assistant turn with tool calls; tool turns name their call."""
+    where = f"messages[{i}]"
+    if m.content is None and not (m.role == "assistant" and m.tool_calls):
+        raise APIError(400, f"{where}.content: required", param=f"{where}.content", code="invalid_value")
+    if m.tool_calls and m.role != "assistant":
+        raise APIError(
+            400, f"{where}.tool_calls: only assistant turns carry tool calls", param=f"{where}.tool_calls"
+        )
+    if (m.role == "tool") != (m.tool_call_id is not None):
+        msg = "a tool turn needs tool_call_id" if m.role == "tool" else "only tool turns have a tool_call_id"
+        raise APIError(
+            400, f"{where}.tool_call_id: {msg}", param=f"{where}.tool_call_id", code="invalid_value"
+        )
 
 
 def _check_stops(stop: str | list[str] | None) -> None:
@@ -408,9 +417,18 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     return req
 
 
-def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Role/content dicts for the chat template (``developer`` becomes ``system``)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Role/content dicts for the chat template (``developer`` becomes ``system``), with
+    ``tool_calls`` / ``tool_call_id`` where a turn has them."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
 
 
 def openapi_components() -> dict[str, Any]:
