@@ -101,19 +101,19 @@ def normalize_tools(tools: Sequence[Any]) -> tuple[FunctionTool, ...]:
             continue
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
-            raise InvalidArgumentError(f"{where} must be an object")
+            raise InvalidArgumentError(f"{where}: must be an object")
         fn = tool
         if "function" in tool:
             if tool.get("type", "function") != "function":
-                raise InvalidArgumentError(f"{where}.type must be 'function'")
+                raise InvalidArgumentError(f"{where}.type: must be 'function'")
             fn, where = tool["function"], where + ".function"
         if not isinstance(fn, dict):
-            raise InvalidArgumentError(f"{where} must be an object")
+            raise InvalidArgumentError(f"{where}: must be an object")
         name, params = fn.get("name"), fn.get("parameters")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise InvalidArgumentError(f"{where}.name must be 1-64 letters, digits, '_' or '-'")
+            raise InvalidArgumentError(f"{where}.name: must be 1-64 letters, digits, '_' or '-'")
         if params is not None and not isinstance(params, dict):
-            raise InvalidArgumentError(f"{where}.parameters must be a JSON schema object")
+            raise InvalidArgumentError(f"{where}.parameters: must be a JSON schema object")
         out.append(FunctionTool(name, str(fn.get("description") or ""), params or dict(EMPTY_PARAMETERS)))
     names = [t.name for t in out]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -134,14 +134,14 @@ def plan_tools(
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or not isinstance(name, str):
-            raise InvalidArgumentError('tool_choice must be {"type": "function", "function": {"name": ...}}')
+            raise InvalidArgumentError('tool_choice: must be {"type": "function", "function": {"name": ...}}')
         if name not in names:
             raise InvalidArgumentError(f"tool_choice.function.name: no tool named '{name[:64]}' in tools")
         return ToolPlan(defs, "required", (name,), parallel is not False)
     if choice not in ("auto", "none", "required"):
-        raise InvalidArgumentError("tool_choice must be 'auto', 'none', 'required' or a named function")
+        raise InvalidArgumentError("tool_choice: must be 'auto', 'none', 'required' or a named function")
     if choice != "none" and not defs:
-        raise InvalidArgumentError(f"tool_choice '{choice}' needs a non-empty tools list")
+        raise InvalidArgumentError(f"tool_choice: '{choice}' needs a non-empty tools list")
     return ToolPlan(defs, choice, names if choice != "none" else (), parallel is not False)
 
 
