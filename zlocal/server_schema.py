@@ -282,7 +282,8 @@ _BRANCHES = frozenset({"str", "int", "float", "bool", "function-after", "tagged-
 
 def _is_branch(part) -> bool:
     """A union branch name pydantic inserts into an error location (``str``, ``list[int]``, ...)."""
-    return isinstance(part, str) and (part in _BRANCHES or "[" in part)
+    # model-class branches (``NamedToolChoice``) too: request fields are all snake_case
+    return isinstance(part, str) and (part in _BRANCHES or "[" in part or part[:1].isupper())
 
 
 def _param(loc: tuple) -> str:
