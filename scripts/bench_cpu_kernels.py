@@ -101,14 +101,7 @@ def bench_model(tokens: int) -> list[dict]:
     rows = []
     prompt = [{"role": "user", "content": "Write a short paragraph about the history of the bicycle."}]
     for fmt in ("bf16", "int8", "int4"):
-        plan = dataclasses.replace(
-            base,
-            weights_format=fmt,
-            cpu_format=fmt,
-            bits={"int8": 8, "int4": 4}.get(fmt, 16),
-            quantize_on_load=fmt != "bf16",
-            reasons=[],
-        )
+        plan = dataclasses.replace(base, cpu_format=fmt, reasons=[])
         from zlocal.memory import ModelShape
         from zlocal.plan import _Budget, _Spec, predict_tok_s
 

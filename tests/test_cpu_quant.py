@@ -245,24 +245,15 @@ def auto_plan(path, dtype: str = "float32", ctx: int = 512):
     return plan_for(resolved, load_config(resolved), plan="auto", dtype=dtype, max_context=ctx)
 
 
-def _plan(base, fmt: str, dtype: str = "bf16", head: str | None = None):
-    return dataclasses.replace(
-        base,
-        weights_format=fmt,
-        cpu_format=fmt,
-        bits={"int8": 8, "int4": 4}.get(fmt, 16),
-        compute_dtype=dtype,
-        kv_cache_dtype=dtype,
-        quantize_on_load=True,
-        reasons=["test"],
-        head_format=head,
-    )
+def _plan(base, fmt: str, dtype: str = "bf16"):
+    # every layer on the CPU in fmt; the rest (bits, head, quantize-on-load) follows from it
+    return dataclasses.replace(base, cpu_format=fmt, compute_dtype=dtype, reasons=["test"])
 
 
 @pytest.fixture(scope="module")
 def smollm2_int8(smollm2):
     # int8 layers and an int8 output layer, as the planner picks for a CPU-only int8 plan
-    return zlocal.load(str(smollm2), plan=_plan(auto_plan(smollm2, ctx=2048), "int8", "bf16", head="int8"))
+    return zlocal.load(str(smollm2), plan=_plan(auto_plan(smollm2, ctx=2048), "int8", "bf16"))
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +326,7 @@ def test_quantized_memory_estimate(smollm2_int4):
         compute_bytes=2,
         kv_bytes=2,
         group_size=rt.plan.group_size,
+        head_format=rt.plan.head_format,
         include_overheads=False,
     ).ram_bytes
     print(f"smollm2 int4: estimated {est} measured {measured} ({est / measured - 1:+.2%})")
@@ -373,8 +365,12 @@ def test_streamed_load_equals_two_phase_handler(tiny_zephyr):
     from zlocal.loader import load_model
     from zlocal.resolve import resolve_model
 
+    from zlocal.loader import quantize_head_int8
+
     dense = load_model(resolve_model(str(tiny_zephyr)), dtype="float32", device="cpu").model
     WeightOnlyQuantHandler(dense, bits=4, dtype=torch.float32, group_size=streamed.plan.group_size).apply()
+    assert streamed.plan.head_format == "int8"  # as the planner derives it for all-CPU int4
+    quantize_head_int8(dense, torch.float32)
     assert torch.equal(_logits(streamed, PROSE), _logits_model(dense, streamed.encode(PROSE)))
 
 
@@ -388,14 +384,11 @@ def _logits_model(model, ids):
 def test_gpu_nf4_with_cpu_int4_split(tiny_zephyr, tiny_runtime):
     plan = dataclasses.replace(
         auto_plan(tiny_zephyr),
-        weights_format="nf4",
         gpu_format="nf4",
         cpu_format="int4",
         gpu_layers=1,
         cpu_layers=1,
-        bits=4,
         compute_dtype="bf16",
-        kv_cache_dtype="bf16",
         gpu_device="cuda:0",
         reasons=[],
     )

@@ -63,6 +63,7 @@ def _estimated(rt, fmt: str, compute_bytes: int) -> int:
         cpu_format=fmt,
         compute_bytes=compute_bytes,
         kv_bytes=compute_bytes,
+        head_format=rt.plan.head_format if rt.plan else None,  # fixtures load without a plan
         include_overheads=False,
     )
     return est.ram_bytes
@@ -81,13 +82,11 @@ def test_estimate_matches_measured_fixture(request, name):
 def test_estimate_matches_measured_quantized(tiny_zephyr, fmt, bits):
     plan = dataclasses.replace(
         auto_plan(tiny_zephyr),
-        weights_format=fmt,
         cpu_format=fmt,
-        bits=bits,
         compute_dtype="bf16",
-        kv_cache_dtype="bf16",
         reasons=[],
     )
+    assert plan.bits == bits
     rt = zlocal.load(str(tiny_zephyr), plan=plan)
     measured, estimated = _measured(rt), _estimated(rt, fmt, 2)
     print(f"tiny {fmt}: estimated {estimated} measured {measured} ({estimated / measured - 1:+.2%})")

@@ -153,28 +153,52 @@ def test_invalid_plan_json(tmp_path, change):
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError):
         load_plan(path)
-    data.pop("bits")
-    with pytest.raises(PlanError, match="missing bits"):
+    data.pop("max_context")
+    with pytest.raises(PlanError, match="missing max_context"):
         LoadPlan.from_dict(data)
 
 
 def test_plan_files_are_versioned():
     p = make_plan(HW["cpu-laptop-16gb"], ZEPHYR, ctx=2048)
     data = p.to_dict()
-    assert data["plan_version"] == 2
-    v1 = {k: v for k, v in data.items() if k != "plan_version"}  # what earlier versions wrote
-    assert LoadPlan.from_dict(v1) == p
-    with pytest.raises(PlanError, match="plan_version 3 is not one this zlocal reads"):
-        LoadPlan.from_dict({**data, "plan_version": 3})
+    assert data["plan_version"] == 3
+    # what earlier versions wrote: no source fields (v2), and no version at all (v1)
+    v2 = {k: v for k, v in data.items() if k not in ("source_format", "source_bits")} | {"plan_version": 2}
+    v1 = {k: v for k, v in v2.items() if k != "plan_version"}
+    assert LoadPlan.from_dict(v2) == p and LoadPlan.from_dict(v1) == p
+    with pytest.raises(PlanError, match="plan_version 4 is not one this zlocal reads"):
+        LoadPlan.from_dict({**data, "plan_version": 4})
+
+
+def test_plan_stores_decisions_and_derives_the_rest():
+    p = make_plan(HW["cpu-laptop-16gb"], ZEPHYR, ctx=2048)
+    stored = {f.name for f in dataclasses.fields(LoadPlan)}
+    derived = {"weights_format", "bits", "quantize_on_load", "head_format", "kv_cache_dtype", "source_quantized"}
+    assert not stored & derived
+    assert (p.weights_format, p.bits, p.quantize_on_load, p.head_format) == ("int4", 4, True, "int8")
+    moved = dataclasses.replace(p, cpu_format="int8")  # one decision changes: what follows from it follows
+    assert (moved.weights_format, moved.bits, moved.quantize_on_load) == ("int8", 8, True)
+
+
+def test_version_2_plan_for_a_quantized_checkpoint_keeps_its_source_format():
+    gptq = {"quant_method": "gptq", "bits": 8}
+    hw = HW["rtx-3060-12gb"]
+    hw = dataclasses.replace(hw, kernels={**hw.kernels, "gptqmodel_marlin": True, "gptqmodel_torch": True})
+    p = make_plan(hw, ZEPHYR, ctx=2048, source_quant=gptq)
+    assert (p.source_format, p.source_bits, p.bits, p.quantize_on_load) == ("gptq", 8, 8, False)
+    v2 = {k: v for k, v in p.to_dict().items() if k not in ("source_format", "source_bits")}
+    assert LoadPlan.from_dict({**v2, "plan_version": 2}) == p
 
 
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"weights_format": "int8"}, "weights_format is 'int8' but the layers are planned in 'int4'"),
+        ({"weights_format": "int8"}, "weights_format is 'int8' but the plan's layers and formats give 'int4'"),
         ({"cpu_format": "q3_k", "weights_format": "q3_k"}, "unknown weights format 'q3_k'"),
         ({"cpu_format": None}, "without a format"),
-        ({"quantize_on_load": False}, "quantize_on_load is False but its formats say True"),
+        ({"quantize_on_load": False}, "quantize_on_load is False but the plan's layers and formats give True"),
+        ({"bits": 8}, "bits is 8 but"),
+        ({"head_format": None}, "head_format is None but"),
     ],
 )
 def test_hand_edited_plan_that_contradicts_itself_is_refused(change, needle):

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 from .errors import PlanError
 from .formats import (
-    HEAD_FORMAT,
     formats_for_checkpoint,
     formats_on_load,
     get_format,
     source_format,
 )
 from .hardware import HardwareReport
-from .loadplan import LoadPlan
+from .loadplan import LoadPlan, head_format_for
 from .memory import DTYPE_BYTES, GIB, MIB, ModelShape, estimate, kv_bytes_per_layer
 
 MIN_CONTEXT = 512
@@ -99,18 +98,6 @@ def _bits(fmt: str | None, source_quant: dict | None, compute: str) -> int:
     return f.bits
 
 
-def head_format_for(g: int, cpu_fmt: str | None, source_quantized: bool) -> str | None:
-    """ "int8" when the output layer should run on the CPU int8 kernel, else None (dense).
-
-    With every layer on the CPU in int8 or int4, a dense head is the largest single read of a
-    decode step on small models (SmolLM2: 57 MB of 170 MB); per-channel int8 halves it and barely
-    moves the output (perplexity -0.3%, mean KL 0.002 on SmolLM2), and llama.cpp too keeps its
-    output layer at 8 bits (Q8_0 / Q6_K) in its 4- and 8-bit files.
-    """
-    on_kernel = cpu_fmt is not None and get_format(cpu_fmt).zlocal_kernel
-    return HEAD_FORMAT if g == 0 and on_kernel and not source_quantized else None
-
-
 def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | None) -> float:
     """Bandwidth model: bytes read per token on each device over its effective bandwidth."""
     from .memory import head_read_bytes, layer_weight_bytes
@@ -168,31 +155,26 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
     # streaming load keeps one fp32 source tensor and its quantized copy in flight
     biggest = max(o * i for o, i in [*shape.linear_shapes(), (shape.vocab_size, shape.hidden_size)])
     ram = est.ram_bytes + biggest * 4 * 2
-    main_fmt = gpu_fmt if g else cpu_fmt
     gpu_q, cpu_q = get_format(gpu_fmt or compute).quality, get_format(cpu_fmt or compute).quality
     quality = (g * gpu_q + (n - g) * cpu_q) / n
+    source = source_format(source_quant) if source_quant else (None, None)
     return LoadPlan(
-        weights_format=main_fmt,
-        bits=bits_gpu if g else bits_cpu,
         gpu_layers=g,
         cpu_layers=n - g,
-        kv_cache_dtype=compute,
         max_context=ctx,
         compute_dtype=compute,
-        estimated_vram_bytes=est.vram_bytes,
-        estimated_ram_bytes=ram,
-        predicted_decode_tok_s=predict_tok_s(spec, ctx, g, gpu_fmt, cpu_fmt),
         gpu_format=gpu_fmt if g else None,
         cpu_format=cpu_fmt if n - g else None,
         group_size=group_size,
-        quantize_on_load=not source_quant
-        and any(not get_format(f).dense for f in ((gpu_fmt,) if g else ()) + ((cpu_fmt,) if n - g else ())),
+        source_format=source[0],
+        source_bits=source[1],
         gpu_device="cuda:0" if g else None,
+        estimated_vram_bytes=est.vram_bytes,
+        estimated_ram_bytes=ram,
+        predicted_decode_tok_s=predict_tok_s(spec, ctx, g, gpu_fmt, cpu_fmt),
         usable_vram_bytes=b.vram,
         usable_ram_bytes=b.ram,
         quality=round(quality, 4),
-        source_quantized=bool(source_quant),
-        head_format=head_fmt,
     )
 
 

@@ -59,7 +59,8 @@ def step_down(plan: LoadPlan, shape: ModelShape, hw: HardwareReport | None = Non
 
 def _source_quant_of(plan: LoadPlan) -> dict:
     """The quantization_config the plan was made for (a plan keeps its format and bits)."""
-    return quantization_config_for(plan.gpu_format or plan.cpu_format or plan.weights_format, plan.bits)
+    fmt = plan.source_format
+    return quantization_config_for(fmt, plan.source_bits or get_format(fmt).bits)
 
 
 def _step_down_quantized(
@@ -68,7 +69,7 @@ def _step_down_quantized(
     """step_down for an already-quantized checkpoint: its weights keep their format and bits (there
     is no full-precision source to quantize again) and it loads whole on one device, so only the
     device (GPU -> CPU) and the context can give."""
-    fmt = plan.gpu_format or plan.cpu_format or plan.weights_format
+    fmt = plan.source_format
     source = _source_quant_of(plan)
     # without the machine's kernels, do not assume the CPU runs the format: keep the device
     on_cpu = hw is not None and fmt in _formats(hw, plan.compute_dtype, source)[1]
