@@ -94,6 +94,13 @@ def _pick(logits, params: SamplingParams, seen, rng, constraint=None) -> tuple[i
     greedy and sampled draws, and the reported logprobs all see only the tokens it allows.
     """
     if constraint is not None:
+        if params.greedy and not params.logprobs:
+            # The argmax over the allowed tokens is the plain argmax whenever that one is allowed:
+            # one bit to test instead of masking the whole vocabulary.
+            adjusted = adjusted_logits(logits, params, seen)
+            token = int(torch.argmax(adjusted))
+            if constraint.allows(token):
+                return token, None
         logits = constraint.mask(logits)
     if not params.logprobs:
         return sample(logits, params, seen, rng), None
