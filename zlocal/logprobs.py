@@ -10,6 +10,10 @@ With greedy decoding (temperature 0)
 there is no temperature to divide by: the reported distribution is the model's own (log-softmax of
 the raw logits, after the repetition penalty when one is set), and the chosen token is its argmax.
 
+With a grammar (``response_format``, tools: zlocal.grammar) the logits are masked first: tokens the
+grammar forbids are at -inf before the penalty and the temperature, so the reported distribution is
+the one over the allowed tokens (renormalized), and a forbidden alternative shows at FLOOR.
+
 Nothing here runs unless logprobs are asked for (``SamplingParams.logprobs``).
 """
 
