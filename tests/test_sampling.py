@@ -83,3 +83,51 @@ def test_tiny_temperature_is_greedy_not_nan():
     assert sample(logits, SamplingParams(temperature=1e-38), generator=make_generator(0)) == int(
         torch.argmax(logits)
     )
+
+
+class _OnlyTokens:
+    """A stand-in grammar constraint allowing a fixed set of token ids (zlocal.grammar's interface)."""
+
+    def __init__(self, allowed, vocab):
+        self.forbid = torch.ones(vocab, dtype=torch.bool)
+        self.forbid[list(allowed)] = False
+
+    def allows(self, token):
+        return not bool(self.forbid[token])
+
+    def mask(self, logits):
+        return logits.float().masked_fill(self.forbid, float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 0},
+        {"temperature": 0, "repetition_penalty": 5.0},
+        {"temperature": 1.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0},
+        {"temperature": 1.0, "top_k": 0, "top_p": 0.1, "min_p": 0.0},
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.5},
+        {"temperature": 0.5, "top_k": 3, "top_p": 0.9, "min_p": 0.2, "logprobs": True, "top_logprobs": 3},
+    ],
+)
+def test_grammar_mask_comes_before_penalty_temperature_and_filters(kw):
+    """The raw favourites (0, 1) are forbidden: filters that ran before the mask would keep only
+    them and leave nothing to draw; after it, the best allowed token (7) wins the cut."""
+    from zlocal.engine import _pick
+
+    logits = torch.full((16,), -5.0)
+    logits[0], logits[1], logits[7], logits[9] = 10.0, 9.0, 3.0, 1.0
+    constraint = _OnlyTokens([7, 9, 12], 16)
+    seen = torch.tensor([7]) if kw.get("repetition_penalty") else None
+    params = SamplingParams(seed=0, **kw)
+    picks = {_pick(logits, params, seen, make_generator(s), constraint)[0] for s in range(20)}
+    assert picks <= {7, 9, 12}
+    if params.repetition_penalty != 1.0:  # seen 7 is penalized to 0.6: 9 (1.0) is the best allowed
+        assert picks == {9}
+    if kw.get("top_k") == 1 or kw.get("top_p") == 0.1 or kw.get("min_p") == 0.5:
+        assert picks == {7}
+    if params.logprobs:
+        _, lp = _pick(logits, params, seen, make_generator(0), constraint)
+        allowed = torch.log_softmax(torch.tensor([3.0, 1.0, -5.0]) / 0.5, dim=0)  # renormalized over 7, 9, 12
+        assert lp.logprob == pytest.approx(float(allowed[0]), abs=1e-5)
+        assert [t for t, _ in lp.top] == [7, 9, 12]
