@@ -106,6 +106,16 @@ def test_streamed_tool_calls_assemble_like_the_answer(server):
     assert got == [(c.function.name, c.function.arguments) for c in whole]
 
 
+def test_a_call_cut_short_is_neither_content_nor_a_call(server):
+    choice = create(server, tool_choice="required", max_tokens=5).choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.content is None and choice.message.tool_calls is None
+    base = dict(model=MODEL, messages=MSGS, tools=TOOLS, tool_choice="required", max_tokens=5, temperature=0)
+    chunks = [c for c in client(server).chat.completions.create(stream=True, **base) if c.choices]
+    assert not any(c.choices[0].delta.content or c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_auto_is_text_or_valid_calls(server):
     for seed in (1, 2):
         choice = create(server, tool_choice="auto", temperature=1.0, seed=seed).choices[0]

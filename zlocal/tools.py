@@ -180,8 +180,8 @@ def tool_grammar(plan: ToolPlan) -> str:
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Split a reply into (content, calls): the calls are the ``<tool_call>`` blocks in order;
-    content is the text when there are none (None when the reply is only calls)."""
+    """Split a reply into (content, calls): the calls are the complete ``<tool_call>`` blocks in
+    order; content is the text of a plain reply, None for a reply of calls (even cut short)."""
     calls = []
     for m in _CALL_RE.finditer(text):
         try:
@@ -193,7 +193,8 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         args = json.dumps(obj.get("arguments", {}), ensure_ascii=False)
         calls.append(ToolCall("call_" + uuid.uuid4().hex[:24], obj["name"], args))
     if not calls:
-        return text, []
+        # calls cut short by max_tokens are no content either (streaming never sent them as text)
+        return (None if text.startswith("<") else text), []
     return None, calls
 
 
