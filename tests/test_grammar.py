@@ -217,3 +217,10 @@ def test_pydantic_model_gives_an_instance(tiny_runtime):
 
     got = tiny_runtime.chat(MSGS, response_format=Pet, temperature=0, max_tokens=60)
     assert isinstance(got, Pet) and 0 <= got.legs <= 4 and len(got.kind) <= 6
+
+
+def test_chat_returns_text_for_a_text_format(tiny_runtime):
+    kw = dict(temperature=0, max_tokens=8)
+    assert tiny_runtime.chat(MSGS, response_format={"type": "text"}, **kw) == tiny_runtime.chat(MSGS, **kw)
+    parsed = tiny_runtime.chat(MSGS, response_format={"type": "json_object"}, **kw | {"max_tokens": 100})
+    assert isinstance(parsed, dict)

@@ -195,10 +195,13 @@ class Runtime:
     def chat(self, messages: Sequence[dict[str, Any]], **sampling) -> Any:
         """The assistant's reply to ``messages``: its text; with ``response_format`` the parsed value
         (None if cut short); with ``tools`` the list of ToolCall when the model called any, else the text."""
+        fmt = sampling.get("response_format")
         done = self.chat_completion(messages, **sampling)
-        if sampling.get("response_format") is not None and not sampling.get("tools"):
+        if done.tool_calls:
+            return done.tool_calls
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             return done.parsed
-        return done.tool_calls or done.text
+        return done.text
 
     def stream_generate(self, prompt: str | Sequence[int], **sampling) -> Iterator[GenerationResponse]:
         """Stream a raw completion of a text prompt (no chat template) or of token ids."""
