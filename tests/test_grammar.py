@@ -217,6 +217,8 @@ def test_pydantic_model_gives_an_instance(tiny_runtime):
 
     got = tiny_runtime.chat(MSGS, response_format=Pet, temperature=0, max_tokens=60)
     assert isinstance(got, Pet) and 0 <= got.legs <= 4 and len(got.kind) <= 6
+    done = tiny_runtime.chat_completion(MSGS, response_format=Pet, temperature=0, max_tokens=60)
+    assert json.loads(json.dumps(done.to_dict()))["parsed"] == got.model_dump()
 
 
 def test_chat_returns_text_for_a_text_format(tiny_runtime):

@@ -35,7 +35,12 @@ class Completion:
     content: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON-ready data: tool calls in OpenAI's shape, a parsed pydantic model dumped."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if hasattr(self.parsed, "model_dump"):
+            out["parsed"] = self.parsed.model_dump(mode="json")
+        return out
 
 
 @dataclass
