@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from zlocal import fastpath
+from zlocal import dense_kernels
 from zlocal.cpu_quant import quantize_linear
 
 MISTRAL_LINEARS = {
@@ -61,8 +61,8 @@ def bench_linears(repeats: int) -> list[dict]:
         dense = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
         dense.weight.data.copy_(w)
         kernels = {"bf16": dense}
-        if fastpath.packing_supported(torch.bfloat16):
-            kernels["bf16-packed"] = fastpath.PackedLinear(fastpath.pack_weight(w), in_f, out_f)
+        if dense_kernels.packing_supported(torch.bfloat16):
+            kernels["bf16-packed"] = dense_kernels.PackedLinear(dense_kernels.pack_weight(w), in_f, out_f)
         kernels["int8"] = quantize_linear(w, None, 8, torch.bfloat16)
         if kernels["int8"].layout != "torch":  # zlocal's own kernel runs here: time torch's too
             kernels["int8-torch"] = quantize_linear(w, None, 8, torch.bfloat16, layout="torch")

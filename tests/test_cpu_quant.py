@@ -362,10 +362,8 @@ def test_int8_head_is_a_separate_copy_and_estimated(smollm2_runtime, smollm2_int
 
 def test_streamed_load_equals_two_phase_handler(tiny_zephyr):
     streamed = zlocal.load(str(tiny_zephyr), plan=_plan(auto_plan(tiny_zephyr), "int4", "fp32"))
-    from zlocal.loader import load_model
+    from zlocal.loader import load_model, quantize_head_int8
     from zlocal.resolve import resolve_model
-
-    from zlocal.loader import quantize_head_int8
 
     dense = load_model(resolve_model(str(tiny_zephyr)), dtype="float32", device="cpu").model
     WeightOnlyQuantHandler(dense, bits=4, dtype=torch.float32, group_size=streamed.plan.group_size).apply()

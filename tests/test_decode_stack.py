@@ -119,6 +119,7 @@ def test_stack_runs_only_on_quantized_bf16_layers(tiny_zephyr):
 
 def test_stack_mixes_int4_and_int8_layers(tiny_zephyr):
     # each projection tells the kernel its own bits and group size
+    from zlocal import prepare
     from zlocal.cpu_quant import quantize_linear
     from zlocal.fastpath import FastForward
     from zlocal.kvcache import KVCache
@@ -130,6 +131,8 @@ def test_stack_mixes_int4_and_int8_layers(tiny_zephyr):
         old = getattr(mlp, name)
         w = torch.randn(old.out_features, old.in_features, generator=gen) * 0.05
         setattr(mlp, name, quantize_linear(w, None, 8, torch.bfloat16))
+    # the test edits the HF modules after load (zlocal never does): forget the load-time preparation
+    prepare._PREPARED.pop(model, None)
     ff = FastForward(model, KVCache(len(model.model.layers), 128), 128)
     assert ff.stack_reason is None
     assert {type(lay.projection_modules()[2]).__name__ for lay in ff.layers[:2]} == {

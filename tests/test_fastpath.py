@@ -7,7 +7,7 @@ import torch
 
 import zlocal
 from tests.test_engine import hf_greedy, reference_model
-from zlocal import cpu_kernels, fastpath
+from zlocal import cpu_kernels, dense_kernels, prepare
 from zlocal.cpu_quant_handler import quantized_bytes
 from zlocal.engine import DEFAULT_PREFILL_CHUNK, Engine
 from zlocal.fastpath import unsupported_reason
@@ -95,7 +95,7 @@ def _kernel_cases():
                 continue  # only bf16 is packed: only there is it bit-identical to F.linear
             marks = ()
             if kernel == "packed":
-                marks = pytest.mark.skipif(not fastpath.packing_supported(dtype), reason=_NO_PACKING)
+                marks = pytest.mark.skipif(not dense_kernels.packing_supported(dtype), reason=_NO_PACKING)
             yield pytest.param(dtype, kernel, marks=marks, id=f"{kernel}-{str(dtype)[6:]}")
 
 
@@ -104,15 +104,15 @@ def _kernel_cases():
 def test_projection_is_bit_identical_to_linear(dtype, kernel, outs, in_f, monkeypatch):
     # Which kernel runs depends on a timing of this CPU; all must give the same numbers, for one
     # token (the decode kernels) and several, fused and through each HF module.
-    monkeypatch.setitem(fastpath._KERNEL, dtype, kernel)
+    monkeypatch.setitem(dense_kernels._KERNEL, dtype, kernel)
     owner = torch.nn.Module()
     names = [f"p{i}" for i in range(len(outs))]
     weights = [torch.randn(o, in_f).to(dtype) for o in outs]
     for name, w in zip(names, weights, strict=True):
         setattr(owner, name, torch.nn.Linear(in_f, w.shape[0], bias=False, dtype=dtype))
         getattr(owner, name).weight.data.copy_(w)
-    proj = fastpath._projection(owner, names)
-    swapped = type(getattr(owner, names[0])) is fastpath.PackedLinear
+    proj = prepare._projection(owner, names)
+    swapped = type(getattr(owner, names[0])) is dense_kernels.PackedLinear
     assert swapped == (kernel == "packed")
     for t in (1, 5):
         x = torch.randn(1, t, in_f).to(dtype)
@@ -124,9 +124,9 @@ def test_projection_is_bit_identical_to_linear(dtype, kernel, outs, in_f, monkey
             assert torch.equal(getattr(owner, name)(x), w)
 
 
-@pytest.mark.skipif(not fastpath.packing_supported(torch.bfloat16), reason=_NO_PACKING)
+@pytest.mark.skipif(not dense_kernels.packing_supported(torch.bfloat16), reason=_NO_PACKING)
 def test_packed_weights_replace_the_dense_ones(smollm2, monkeypatch):
-    monkeypatch.setitem(fastpath._KERNEL, torch.bfloat16, "packed")
+    monkeypatch.setitem(dense_kernels._KERNEL, torch.bfloat16, "packed")
     rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=64)
     attn, mlp = rt.model.model.layers[0].self_attn, rt.model.model.layers[0].mlp
     # q/k/v share one packed weight, gate/up another: memory is not doubled
@@ -134,7 +134,7 @@ def test_packed_weights_replace_the_dense_ones(smollm2, monkeypatch):
     assert mlp.gate_proj.packed is mlp.up_proj.packed
     assert not any(type(m) is torch.nn.Linear for m in rt.model.modules())
     # the tied head gets its own packed copy; the embedding lookup keeps the dense table
-    assert type(rt.model.lm_head) is fastpath.PackedLinear
+    assert type(rt.model.lm_head) is dense_kernels.PackedLinear
     emb = rt.model.get_input_embeddings().weight
     assert torch.equal(rt.model.lm_head.packed.to_dense(), emb)
     shape = ModelShape.from_config(rt.model.config)
@@ -153,7 +153,7 @@ def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2_bf16):
 @pytest.mark.parametrize("outs", [(64, 32, 32), (48, 16), (64, 64), (128, 64, 192)])
 def test_int4_fusion_only_on_whole_pack_blocks(outs):
     from zlocal.cpu_quant import quantize_linear
-    from zlocal.fastpath import _fuse_quantized, _projection
+    from zlocal.prepare import _fuse_quantized, _projection
 
     parts = [quantize_linear(torch.randn(o, 128), None, 4, torch.float32, 32) for o in outs]
     x = torch.randn(1, 3, 128)
@@ -163,6 +163,25 @@ def test_int4_fusion_only_on_whole_pack_blocks(outs):
     for i, part in enumerate(parts):
         setattr(owner, f"p{i}", part)
     assert torch.equal(_projection(owner, [f"p{i}" for i in range(len(parts))])(x), want)
+
+
+def test_the_decoder_is_prepared_once_at_load(smollm2):
+    # zlocal.load fuses the decoder once; engines built later on the same model reuse that
+    # preparation and leave the HF modules as they are.
+    rt = zlocal.load(str(smollm2), plan=None, dtype="bfloat16", max_context=64)
+    prepared = prepare.prepare_decoder(rt.model)
+    assert rt.engine.fast.layers is prepared.layers
+    before = {
+        name: (type(m), [t.data_ptr() for t in m.parameters(recurse=False)])
+        for name, m in rt.model.named_modules()
+    }
+    again = Engine(rt.model, rt.tokenizer, 64)
+    assert again.fast.layers is prepared.layers
+    after = {
+        name: (type(m), [t.data_ptr() for t in m.parameters(recurse=False)])
+        for name, m in rt.model.named_modules()
+    }
+    assert after == before
 
 
 def test_unsupported_models_keep_the_hf_forward(tiny_runtime):
@@ -216,7 +235,7 @@ def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     assert (type(qkv) is kind) == (fmt == "int8" or zlocal_layout)
     # both plans run the output layer on the int8 kernel, on both paths
     assert plan.head_format == "int8" and type(rt.model.lm_head) is Int8WeightOnlyLinear
-    assert rt.engine.fast.lm_head is rt.model.lm_head
+    assert rt.engine.fast.lm_head.__self__ is rt.model.lm_head
     # The reference: the same plan loaded again, on the HF forward, never given to the lean forward
     # (whose fusion re-points the weights of the modules it fuses).
     resolved, config, tokenizer, _ = load_chat_template(str(tiny_zephyr))

@@ -173,7 +173,8 @@ def test_plan_files_are_versioned():
 def test_plan_stores_decisions_and_derives_the_rest():
     p = make_plan(HW["cpu-laptop-16gb"], ZEPHYR, ctx=2048)
     stored = {f.name for f in dataclasses.fields(LoadPlan)}
-    derived = {"weights_format", "bits", "quantize_on_load", "head_format", "kv_cache_dtype", "source_quantized"}
+    derived = {"weights_format", "bits", "quantize_on_load", "head_format", "kv_cache_dtype"}
+    derived.add("source_quantized")
     assert not stored & derived
     assert (p.weights_format, p.bits, p.quantize_on_load, p.head_format) == ("int4", 4, True, "int8")
     moved = dataclasses.replace(p, cpu_format="int8")  # one decision changes: what follows from it follows
@@ -193,10 +194,10 @@ def test_version_2_plan_for_a_quantized_checkpoint_keeps_its_source_format():
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"weights_format": "int8"}, "weights_format is 'int8' but the plan's layers and formats give 'int4'"),
+        ({"weights_format": "int8"}, "weights_format is 'int8' but the plan's layers and formats give"),
         ({"cpu_format": "q3_k", "weights_format": "q3_k"}, "unknown weights format 'q3_k'"),
         ({"cpu_format": None}, "without a format"),
-        ({"quantize_on_load": False}, "quantize_on_load is False but the plan's layers and formats give True"),
+        ({"quantize_on_load": False}, "quantize_on_load is False but the plan's layers and formats"),
         ({"bits": 8}, "bits is 8 but"),
         ({"head_format": None}, "head_format is None but"),
     ],

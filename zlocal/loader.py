@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, InvalidArgumentError, PlanError
+from .fastpath import unsupported_reason
 from .formats import checkpoint_format, get_format
 from .loader_stream import first_line, is_oom, stream_load
+from .prepare import prepare_decoder
 from .resolve import ResolvedModel
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -247,7 +249,7 @@ def load_for_runtime(
     if plan is None:
         loaded = load_model(resolved, dtype=dtype, device=device)
         loaded.max_context = min(model_ctx, 4096) if max_context is None else int(max_context)
-        return loaded
+        return _prepare(loaded)
     from .memory import ModelShape
     from .plan_stepdown import step_down
 
@@ -328,6 +330,7 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
         loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
     if lp.head_format:  # the one head format, zlocal's per-channel int8
         quantize_head_int8(loaded.model, dtype)
+    _prepare(loaded)
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded
@@ -339,6 +342,14 @@ def _cast_float_parameters(model, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+def _prepare(loaded: LoadedModel) -> LoadedModel:
+    # The one place the decoder is fused into what the lean forward and the decode kernel read;
+    # nothing changes the HF modules after load.
+    if unsupported_reason(loaded.model) is None:
+        prepare_decoder(loaded.model)
+    return loaded
 
 
 def _dense(fmt: str | None) -> bool:

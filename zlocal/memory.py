@@ -12,7 +12,7 @@ Every number is bytes. Formats (``weights_format``):
 Embeddings and norms stay in the compute dtype in every format (as bitsandbytes, GPTQ and our CPU
 kernels leave them); so does lm_head, except that a plan with every layer on the CPU in int8 or int4
 runs it on the int8 kernel (``head_format="int8"``, a separate copy when it is tied to the embeddings),
-and a dense 16-bit head on the CPU counts a packed copy when tied (see ``fastpath.PackedLinear``).
+and a dense 16-bit head on the CPU counts a packed copy when tied (see ``dense_kernels.PackedLinear``).
 """
 
 from __future__ import annotations
