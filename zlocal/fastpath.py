@@ -3,8 +3,9 @@
 Same math as the HF forward with far fewer Python-level ops per token: q/k/v and gate/up projections
 fused into one matmul each (``zlocal.prepare``, done once at load: the HF modules become views of the
 fused weights, so memory is not doubled, and nothing changes them afterwards), rotary tables
-precomputed once from the model's own rotary module, grouped-query attention without repeating K/V (for one token, the query heads of each K/V
-head packed as rows: the CPU flash kernel is up to 12x slower with one row per head), and the KV
+precomputed once from the model's own rotary module, grouped-query attention without repeating K/V
+(for one token, the query heads of each K/V head packed as rows: the CPU flash kernel is up to 12x
+slower with one row per head), and the KV
 cache written straight into the engine's preallocated buffers. Greedy outputs are tested identical
 to the HF forward. Anything it does not handle (biases, other activations, layers offloaded with
 accelerate hooks) keeps the HF forward; quantized linear modules are called as they are.
