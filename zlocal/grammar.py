@@ -87,7 +87,6 @@ class GrammarCompiler:
         # Every end-of-turn token counts as the grammar's end: any of them may close a complete answer.
         eos = stops or None
         self.tokenizer = llg.hf.from_tokenizer(tokenizer, n_vocab=self.n_vocab, eos_token=eos)
-        self.stop_token_ids = tuple(stops) or (int(tokenizer.eos_token_id),)
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._size = cache_size
         self._lock = threading.Lock()
@@ -220,8 +219,3 @@ class TokenConstraint:
     def done(self) -> bool:
         """The grammar is complete and only end-of-turn may follow."""
         return self._matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        """What was generated so far is a complete answer (more may still follow)."""
-        return self._matcher.is_accepting()

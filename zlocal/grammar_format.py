@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgumentError
@@ -41,7 +41,6 @@ class StructuredChat:
     grammar: Grammar | None = None
     parse: Callable[[str], Any] | None = None
     tools: ToolPlan | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def read(self, text: str) -> tuple[str | None, Any, list[ToolCall]]:
         """(content, parsed value, tool calls) of a finished reply. ``parsed`` is None when no
