@@ -171,3 +171,21 @@ def test_unenforceable_keyword_has_its_own_code(server):
             response_format=strict({"type": "array", "uniqueItems": True}),
         )
     assert info.value.code == "unsupported_schema_keyword"
+
+
+def test_streamed_logprobs_are_those_of_allowed_tokens(server):
+    schema = SCHEMAS["arrays with minItems/maxItems and enums"]
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=200, temperature=0.7, seed=4)
+    kw["response_format"] = strict(schema)
+    stream = client(server).chat.completions.create(stream=True, logprobs=True, top_logprobs=2, **kw)
+    text, entries = "", []
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            entries += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
+    jsonschema.validate(json.loads(text), schema)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == text
+    # the distribution is the masked one: tokens the grammar forces are certain (logprob 0), which
+    # no token ever is for this random model (about -10 each over 32000 tokens)
+    assert all(e.logprob > -50 for e in entries)
+    assert sum(e.logprob > -1e-3 for e in entries) >= 3
