@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,25 @@ def test_checkpoint_format_of_incomplete_configs():
     assert checkpoint_format(nf4) is get_format("nf4")
     odd = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int3"}
     assert checkpoint_format(odd) is None
+
+
+def test_a_quantized_checkpoint_no_kernel_here_runs_is_refused_with_the_fix():
+    from zlocal.hardware import hardware_from_profile, list_profiles
+    from zlocal.memory import ModelShape
+    from zlocal.plan import make_plan
+
+    shape = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
+    hw = hardware_from_profile("rtx-3060-12gb")  # no gptqmodel kernels in the profile
+    gptq = {"quant_method": "gptq", "bits": 4}
+    p = make_plan(hw, shape, source_quant=gptq)
+    assert not p.fits and p.reasons == [
+        "cannot run here: GPTQ checkpoints need gptqmodel's kernels, missing here: pip install 'zlocal[gptq]'"
+    ]
+    assert (p.weights_format, p.bits, p.source_format) == ("gptq", 4, "gptq")  # never planned as bf16
+    with_cpu_kernel = dataclasses.replace(hw, kernels={**hw.kernels, "gptqmodel_torch": True})
+    assert make_plan(with_cpu_kernel, shape, source_quant=gptq).fits
+    # bitsandbytes 4-bit checkpoints run on the CPU whatever the GPU has
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    assert make_plan(hw, shape, source_quant=nf4).fits
+    assert get_format("nf4").why_not_on({}, "cuda").startswith("nf4 on the GPU needs bitsandbytes")
+    assert get_format("int4").why_not_on({}, "cpu") is None

@@ -263,7 +263,7 @@ def test_load_from_plan_json(tiny_zephyr, tiny_runtime, tmp_path):
 
 
 def test_unfit_or_wrong_plan_is_refused(tiny_zephyr):
-    with pytest.raises(PlanError, match="does not fit"):
+    with pytest.raises(PlanError, match="cannot load with this plan"):
         zlocal.load(str(tiny_zephyr), plan=dataclasses.replace(auto_plan(tiny_zephyr), fits=False))
     with pytest.raises(PlanError, match="layers"):
         zlocal.load(str(tiny_zephyr), plan=dataclasses.replace(auto_plan(tiny_zephyr), cpu_layers=5))

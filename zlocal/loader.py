@@ -220,7 +220,7 @@ def plan_for(
             f"plan compute_dtype must be one of {', '.join(_PLAN_DTYPES)}, got {lp.compute_dtype!r}"
         )
     if not lp.fits:
-        raise PlanError(f"{resolved.name} does not fit this machine: {lp.reasons[0] if lp.reasons else ''}")
+        raise PlanError(f"{resolved.name} cannot load with this plan: {lp.reasons[0] if lp.reasons else ''}")
     if max_context is not None and plan != "auto":
         lp.max_context = int(max_context)
     return lp

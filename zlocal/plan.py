@@ -18,6 +18,7 @@ from .formats import (
     formats_on_load,
     get_format,
     source_format,
+    why_checkpoint_cannot_run,
 )
 from .hardware import HardwareReport
 from .loadplan import LoadPlan, head_format_for
@@ -327,6 +328,19 @@ def _placement_reasons(shape: ModelShape, p: LoadPlan, on_gpu_machine: bool) -> 
     return reasons
 
 
+def _devices(hw: HardwareReport) -> list[str]:
+    return ["cuda", "cpu"] if hw.gpu else ["cpu"]
+
+
+def _cannot_run(spec: _Spec, ctx: int, model: str, hw: HardwareReport, why: str) -> LoadPlan:
+    """The plan for a quantized checkpoint no device here has kernels for: not fitting, saying why."""
+    fmt = source_format(spec.source_quant)[0]
+    p = _candidate(spec, ctx, 0, None, fmt)
+    p.fits, p.model, p.hardware = False, model, hw.source
+    p.reasons = [f"cannot run here: {why}"]
+    return p
+
+
 def make_plan(
     hw: HardwareReport,
     shape: ModelShape,
@@ -357,6 +371,8 @@ def make_plan(
     elif group_size is None:
         group_size = default_group_size(shape)
     spec = _Spec(shape, b, compute, source_quant, group_size, prefill_chunk)
+    if source_quant and (blocked := why_checkpoint_cannot_run(hw.kernels, source_quant, _devices(hw))):
+        return _cannot_run(spec, want, model, hw, blocked)
     ctx_try, cands, chosen, why = _fit_context(spec, want, hw, prefer, keep_dtype=dtype is not None)
     where = f"{gpu.name} with {vram / GIB:.1f} GiB usable VRAM, " if gpu else "no GPU, "
     where += f"{ram / GIB:.1f} GiB usable RAM"

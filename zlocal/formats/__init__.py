@@ -22,6 +22,7 @@ from .registry import (
     quantization_config_for,
     quantized_on_load,
     source_format,
+    why_checkpoint_cannot_run,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "quantization_config_for",
     "quantized_on_load",
     "source_format",
+    "why_checkpoint_cannot_run",
 ]

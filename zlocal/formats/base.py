@@ -54,7 +54,12 @@ class WeightFormat:
     def runs_on(self, kernels: dict, device: str) -> bool:
         """Whether a machine with these kernel capabilities (HardwareReport.kernels) runs this
         format on ``device`` ("cuda" or "cpu") when the checkpoint is stored in it."""
-        return True
+        return self.why_not_on(kernels, device) is None
+
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        """Why this machine cannot run the format on ``device``, saying what would fix it (None: it
+        can)."""
+        return None
 
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         """Whether the planner may quantize a full-precision checkpoint into this format at load."""

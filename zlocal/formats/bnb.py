@@ -73,8 +73,10 @@ class BnbInt8(WeightFormat):
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         return out_f * in_f + out_f * 4
 
-    def runs_on(self, kernels: dict, device: str) -> bool:
-        return device == "cpu" or bool(kernels.get("bitsandbytes_cuda"))
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        if device == "cpu" or kernels.get("bitsandbytes_cuda"):
+            return None
+        return f"{self.name} on the GPU needs bitsandbytes' CUDA kernels (pip install bitsandbytes)"
 
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
@@ -148,8 +150,10 @@ class Bnb4bit(WeightFormat):
         # double quant: uint8 absmax per block, fp32 absmax + offset per 256 blocks, 256-entry code
         return n // 2 + blocks + math.ceil(blocks / 256) * 8 + 256 * 4
 
-    def runs_on(self, kernels: dict, device: str) -> bool:
-        return device == "cpu" or bool(kernels.get("bitsandbytes_cuda"))
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        if device == "cpu" or kernels.get("bitsandbytes_cuda"):
+            return None
+        return f"{self.name} on the GPU needs bitsandbytes' CUDA kernels (pip install bitsandbytes)"
 
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return self.offered_on_load and device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))

@@ -37,8 +37,8 @@ class CpuInt8(_CpuKernelFormat):
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return device == "cpu" and kernels.get("torch_int8_cpu", True)
 
-    def runs_on(self, kernels: dict, device: str) -> bool:
-        return device == "cpu"
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        return None if device == "cpu" else f"{self.name} is zlocal's CPU format; GPUs run other formats"
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class CpuInt4(_CpuKernelFormat):
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return device == "cpu" and kernels.get("torch_int4_cpu", True)
 
-    def runs_on(self, kernels: dict, device: str) -> bool:
-        return device == "cpu"
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        return None if device == "cpu" else f"{self.name} is zlocal's CPU format; GPUs run other formats"
 
 
 INT8 = CpuInt8("int8", 8, quality=0.995, smaller_on_cpu="int4", zlocal_kernel=True)

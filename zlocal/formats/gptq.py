@@ -17,10 +17,11 @@ class Gptq(WeightFormat):
         n = out_f * in_f
         return n * bits // 8 + groups * out_f * bits // 8 + groups * out_f * 2 + in_f * 4
 
-    def runs_on(self, kernels: dict, device: str) -> bool:
-        if device == "cuda":
-            return any(kernels.get(k) for k in ("gptqmodel_marlin", "gptqmodel_exllama"))
-        return bool(kernels.get("gptqmodel_torch"))
+    def why_not_on(self, kernels: dict, device: str) -> str | None:
+        names = ("gptqmodel_marlin", "gptqmodel_exllama") if device == "cuda" else ("gptqmodel_torch",)
+        if any(kernels.get(k) for k in names):
+            return None
+        return "GPTQ checkpoints need gptqmodel's kernels, missing here: pip install 'zlocal[gptq]'"
 
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
         from ..gptq_cpu import swap_gptq_for_cpu

@@ -115,6 +115,13 @@ def formats_on_load(kernels: dict, dense: str, device: str) -> list[str]:
     return [dense, *quantized_on_load(kernels, device)]
 
 
+def why_checkpoint_cannot_run(kernels: dict, quantization_config: dict, devices: list[str]) -> str | None:
+    """Why no device of ``devices`` runs an already-quantized checkpoint (None: one does)."""
+    fmt = get_format(source_format(quantization_config)[0])
+    reasons = [fmt.why_not_on(kernels, d) for d in devices]
+    return None if any(r is None for r in reasons) else "; ".join(dict.fromkeys(reasons))
+
+
 def formats_for_checkpoint(kernels: dict, quantization_config: dict, device: str) -> list[str]:
     """An already-quantized checkpoint runs in its own format, where the machine has its kernels."""
     name, _ = source_format(quantization_config)
