@@ -23,18 +23,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, TensorEntry, read_header
+from .checkpoint_io import ST_DTYPES, TensorEntry, read_header
+from .convert_methods import ConversionOptions
 from .convert_output import TMP_MARK, check_disk, check_output, clean_stale_temp, install
 from .errors import CheckpointError, ConversionError, InvalidArgumentError, ZlocalError
-from .formats import convert_methods
+from .formats import convert_format, convert_methods
 from .manifest import Manifest, library_versions, read_manifest, sha256_file, write_manifest
-from .quantize_bnb import (
-    BNB_METHODS,
-    ByteProgress,
-    bnb_quantization_config,
-    check_cpu_loadable,
-    quantize_bnb,
-)
 from .quantize_gptq import GPTAQ_ALPHA
 
 METHODS = convert_methods()  # method -> bits
@@ -238,7 +232,10 @@ def convert(
     from .resolve import resolve_model
 
     t0 = time.time()
-    bits = _check_options(method, group_size, sym, tune_epochs, samples, seq_len, calibration, eval_text)
+    bits = _check_options(method, samples, seq_len, calibration, eval_text)
+    opts = ConversionOptions(group_size, samples, seq_len, calibration, sym, tune_epochs)
+    conversion = convert_format(method).conversion(method, bits)
+    conversion.check_options(opts)
     resolved = resolve_model(src, allow_pickle=allow_pickle)
     src_path = resolved.path
     out_path = check_output(src_path, out, overwrite)
@@ -248,26 +245,15 @@ def convert(
         shards, parsed, flat = inspect_source(src_path, resolved.weights_format, config)
     except KeyError as exc:
         raise CheckpointError(f"config.json lacks {exc.args[0]}; cannot check tensor shapes") from exc
-    if method in BNB_METHODS:
-        check_cpu_loadable({n: s for n, (_, _, s) in flat.items()}, method)
-
-    gptq_plan = None
-    if method.startswith("gptq"):
-        gptq_plan = _plan_gptq(
-            config, bits, group_size, samples, seq_len, calibration, sym, tune_epochs, quiet
-        )
-        group_size = gptq_plan.group_size
+    conversion.check_source({n: s for n, (_, _, s) in flat.items()})
+    group_size = conversion.prepare(config, opts, quiet)
     source_bytes = check_disk(flat, shards, bits, method, resolved.weights_format, out_path.parent)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}{TMP_MARK}", dir=out_path.parent))
     try:
         (tmp / ".pid").write_text(str(os.getpid()))
         source_hashes = {p.name: sha256_file(p) for p in shards}
-        tuning = None
-        if method in BNB_METHODS:
-            _write_bnb(resolved, tmp, method, config, (shards, parsed, flat), quiet, max_shard_bytes)
-        else:
-            tuning = _write_gptq(resolved, tmp, gptq_plan, config, quiet)
+        tuning = conversion.write(resolved, tmp, config, (shards, parsed, flat), quiet, max_shard_bytes)
         (tmp / ".pid").unlink()
         quality = None
         if evaluate:
@@ -280,7 +266,7 @@ def convert(
         source = _source_record(resolved, model_type, source_hashes)
         manifest = Manifest(method=method, bits=bits, group_size=group_size, source=source, quality=quality)
         manifest.versions = library_versions()
-        manifest.conversion = _conversion_record(t0, gptq_plan, calibration, tuning)
+        manifest.conversion = _conversion_record(t0, conversion.plan, calibration, tuning)
         write_manifest(tmp, manifest)
         install(tmp, out_path)
     except BaseException as exc:
@@ -305,12 +291,10 @@ def convert(
     )
 
 
-def _check_options(method, group_size, sym, tune_epochs, samples, seq_len, calibration, eval_text) -> int:
+def _check_options(method, samples, seq_len, calibration, eval_text) -> int:
     """Refuse option values that cannot work, before SRC is even resolved; return the bit width."""
     if method not in METHODS:
         raise InvalidArgumentError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in BNB_METHODS and (group_size is not None or sym or tune_epochs is not None):
-        raise InvalidArgumentError("--group-size, --sym and --tune-epochs apply to gptq4/gptq8 only")
     for flag, value in (("--samples", samples), ("--seq-len", seq_len)):
         if value is not None and value <= 0:
             raise InvalidArgumentError(f"{flag} must be > 0, got {value}")
@@ -335,75 +319,6 @@ def _read_config(src_path: Path, name: str) -> tuple[dict, str]:
             f"({config['quantization_config'].get('quant_method', '?')}); convert the original"
         )
     return config, model_type
-
-
-def _write_bnb(resolved, tmp: Path, method: str, config: dict, source, quiet: bool, max_shard_bytes) -> None:
-    """Stream SRC through bitsandbytes into ``tmp`` with the config transformers would write.
-
-    ``source``: ``inspect_source``'s (shards, parsed headers, flat tensor table).
-    """
-    shards, parsed, flat = source
-    compute_dtype = _compute_dtype(config)
-    if resolved.weights_format == "pickle":
-        parsed = _pickle_to_safetensors(shards, tmp)
-    total = sum(e.nbytes for _, ents in parsed for e in ents.values())
-    with ByteProgress(total, len(flat), f"{method}", quiet) as tick:
-        quantize_bnb(
-            parsed,
-            tmp,
-            method,
-            compute_dtype,
-            progress=tick,
-            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-        )
-    shutil.rmtree(tmp / ".stage", ignore_errors=True)
-    _copy_aux_files(resolved.path, tmp)
-    new_config = dict(config)
-    new_config["quantization_config"] = bnb_quantization_config(method, compute_dtype)
-    (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_gptq(resolved, tmp: Path, plan, config: dict, quiet: bool):
-    """Run GPTQ (and scale tuning) into ``tmp``; return the tuning report or None."""
-    from .quantize_gptq import quantize_gptq
-
-    tuning = quantize_gptq(
-        resolved.path,
-        tmp,
-        plan,
-        compute_dtype=_compute_dtype(config),
-        quiet=quiet,
-        allow_pickle=resolved.weights_format == "pickle",
-    )
-    _copy_aux_files(resolved.path, tmp, keep_existing=True)
-    if tuning is not None and not quiet:
-        print(
-            f"scale tuning: held-out KL {tuning.heldout_kl_before:.5f} -> "
-            f"{tuning.heldout_kl_after:.5f} (epoch {tuning.best_epoch} of {tuning.epochs}; "
-            f"0 keeps GPTQ's scales), {tuning.seconds:.0f} s",
-            file=sys.stderr,
-        )
-    return tuning
-
-
-def _plan_gptq(config, bits, group_size, samples, seq_len, calibration, sym, tune_epochs, quiet):
-    """The checked GPTQ plan; prints which group size it chose and why (and any tuning note)."""
-    from .quantize_gptq import plan_gptq
-
-    plan = plan_gptq(
-        config,
-        bits=bits,
-        group_size=group_size,
-        samples=samples,
-        seq_len=seq_len,
-        calibration=calibration,
-        sym=sym,
-        tune_epochs=tune_epochs,
-    )
-    for note in (plan.group_note, plan.tune_note):
-        if note and not quiet:
-            print(note, file=sys.stderr)
-    return plan
 
 
 def _source_record(resolved, model_type: str, shard_hashes: dict[str, str]) -> dict[str, Any]:

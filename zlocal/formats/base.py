@@ -71,6 +71,10 @@ class WeightFormat:
         keep ``module`` a plain Linear (full-precision formats, shapes the kernels do not take)."""
         return None
 
+    def conversion(self, method: str, bits: int):
+        """What ``zlocal convert --method METHOD`` runs to write this format (zlocal.convert_methods)."""
+        raise NotImplementedError(f"{self.name} is not written by zlocal convert")
+
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
         """Move ``model``'s layers loaded in this format (a checkpoint stored in it, loaded on the
         CPU from ``path``) onto zlocal's CPU kernels where they take them; returns the plan line

@@ -81,6 +81,11 @@ class BnbInt8(WeightFormat):
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
 
+    def conversion(self, method: str, bits: int):
+        from ..convert_methods import BnbConversion
+
+        return BnbConversion(method, bits)
+
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
         swapped = swap_bnb_int8_for_cpu(model, dtype)
         return f"bitsandbytes int8 layers ({swapped}) run on the fused CPU int8 kernel" if swapped else None
@@ -165,6 +170,11 @@ class Bnb4bit(WeightFormat):
 
     def one_call_decode(self, own_kernels: bool) -> bool:
         return own_kernels
+
+    def conversion(self, method: str, bits: int):
+        from ..convert_methods import BnbConversion
+
+        return BnbConversion(method, bits)
 
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
         from .bnb4_cpu import swap_bnb4_for_cpu

@@ -23,6 +23,11 @@ class Gptq(WeightFormat):
             return None
         return "GPTQ checkpoints need gptqmodel's kernels, missing here: pip install 'zlocal[gptq]'"
 
+    def conversion(self, method: str, bits: int):
+        from ..convert_methods import GptqConversion
+
+        return GptqConversion(method, bits)
+
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
         from ..gptq_cpu import swap_gptq_for_cpu
 
