@@ -267,3 +267,14 @@ def test_tool_aware_template_renders_the_tools_itself(tiny_zephyr, tmp_path):
     )
     assert done.finish_reason == "tool_calls"
     jsonschema.validate(done.tool_calls[0].args, PARAMS[done.tool_calls[0].name])
+
+
+def test_text_replies_are_content_even_when_they_quote_a_call():
+    from zlocal.tools import parse_tool_calls
+
+    quoted = ' I would write <tool_call>{"name": "rm", "arguments": {}}</tool_call> here.'
+    assert parse_tool_calls(quoted) == (quoted, [])  # the text branch: never constrained, never a call
+    content, calls = parse_tool_calls(
+        '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"na'
+    )
+    assert content is None and [(c.name, c.args) for c in calls] == [("f", {"a": 1})]

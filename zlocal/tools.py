@@ -182,6 +182,9 @@ def tool_grammar(plan: ToolPlan) -> str:
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """Split a reply into (content, calls): the calls are the complete ``<tool_call>`` blocks in
     order; content is the text of a plain reply, None for a reply of calls (even cut short)."""
+    if not text.startswith("<"):
+        # the grammar's text branch: a <tool_call> inside it was never constrained, so it is content
+        return text, []
     calls = []
     for m in _CALL_RE.finditer(text):
         try:
@@ -192,9 +195,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
             continue
         args = json.dumps(obj.get("arguments", {}), ensure_ascii=False)
         calls.append(ToolCall("call_" + uuid.uuid4().hex[:24], obj["name"], args))
-    if not calls:
-        # calls cut short by max_tokens are no content either (streaming never sent them as text)
-        return (None if text.startswith("<") else text), []
+    # calls cut short by max_tokens are no content either (streaming never sent them as text)
     return None, calls
 
 
