@@ -293,6 +293,10 @@ class TensorStore:
         """The named tensor, or None when the checkpoint has none by that name."""
         return self[name] if name in self._where else None
 
+    def shard_name(self, name: str) -> str:
+        """The file name of the shard holding tensor NAME (for messages)."""
+        return self._where[name].path.name
+
     def names(self, prefix: str) -> list[str]:
         """The tensor names starting with PREFIX."""
         return [k for k in self._where if k.startswith(prefix)]

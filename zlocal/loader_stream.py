@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_io import TensorStore
 from .errors import CheckpointError
 from .formats import get_format
 from .resolve import ResolvedModel
@@ -54,41 +55,37 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
     time, quantizing decoder Linears as the plan says. Returns (model, device_map)."""
     from accelerate import dispatch_model, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     device_map = layer_device_map(lp, config)
-    files = sorted(Path(resolved.path).glob("*.safetensors"))
     expected = dict(model.state_dict())
     seen: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if key not in expected:
-                        raise CheckpointError(
-                            f"{resolved.name}: {file.name} holds {key}, which the config does "
-                            "not define; the checkpoint and config.json disagree"
-                        )
-                    _place(
-                        model,
-                        key,
-                        fh.get_tensor(key),
-                        expected[key],
-                        lp=lp,
-                        device_map=device_map,
-                        dtype=dtype,
-                        set_tensor=set_module_tensor_to_device,
-                    )
-                    seen.add(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            if is_oom(exc):
-                raise
-            raise CheckpointError(
-                f"{resolved.name}: cannot load weights: {file.name}: {first_line(exc)}"
-            ) from exc
+    # Each tensor is copied out of the shard's map and its pages dropped (checkpoint_io.TensorStore),
+    # so the mapped source does not stay resident while the model fills.
+    try:
+        store = TensorStore(Path(resolved.path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{resolved.name}: cannot load weights: {exc}") from exc
+    key = None
+    try:
+        for key in store:
+            if key not in expected:
+                raise CheckpointError(
+                    f"{resolved.name}: {store.shard_name(key)} holds {key}, which the config does "
+                    "not define; the checkpoint and config.json disagree"
+                )
+            _place(model, key, store[key], expected[key], lp=lp, device_map=device_map, dtype=dtype,
+                   set_tensor=set_module_tensor_to_device)
+            seen.add(key)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if is_oom(exc):
+            raise
+        where = f"{store.shard_name(key)}: " if key in store else ""
+        raise CheckpointError(f"{resolved.name}: cannot load weights: {where}{first_line(exc)}") from exc
+    finally:
+        store.close()
     _finish_tied(model, config, seen, device_map, dtype)
     missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
     if missing:
