@@ -33,14 +33,14 @@ class GatedRuntime:
     def __getattr__(self, name):
         return getattr(self._rt, name)
 
-    def _gated(self, fn, *args):
+    def _gated(self, fn, *args, **kwargs):
         with self.lock:
             self.calls += 1
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
             assert self.gate.wait(30), "the test never opened the gate"
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             with self.lock:
                 self.active -= 1
@@ -50,6 +50,9 @@ class GatedRuntime:
 
     def encode_chat(self, messages):
         return self._gated(self._rt.encode_chat, messages)
+
+    def plan_chat(self, messages, **structured):  # how the server prepares a chat request
+        return self._gated(self._rt.plan_chat, messages, **structured)
 
 
 def wait_until(predicate, timeout=10.0):
