@@ -226,3 +226,20 @@ def test_chat_returns_text_for_a_text_format(tiny_runtime):
     assert tiny_runtime.chat(MSGS, response_format={"type": "text"}, **kw) == tiny_runtime.chat(MSGS, **kw)
     parsed = tiny_runtime.chat(MSGS, response_format={"type": "json_object"}, **kw | {"max_tokens": 100})
     assert isinstance(parsed, dict)
+
+
+def test_plain_chat_never_builds_the_grammar_engine(tiny_runtime, monkeypatch):
+    # a model whose tokenizer the grammar engine cannot take still chats; only structured requests fail
+    from zlocal.errors import DependencyError
+    from zlocal.runtime import Runtime
+
+    def broken(self):
+        raise DependencyError("structured output and tools need a fast tokenizer for this model")
+
+    monkeypatch.setattr(Runtime, "grammars", property(broken))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert isinstance(tiny_runtime.chat(msgs, temperature=0, max_new_tokens=3), str)
+    text = {"type": "text"}
+    assert isinstance(tiny_runtime.chat(msgs, temperature=0, max_new_tokens=3, response_format=text), str)
+    with pytest.raises(DependencyError, match="fast tokenizer"):
+        tiny_runtime.chat(msgs, max_new_tokens=3, response_format={"type": "json_object"})

@@ -58,7 +58,7 @@ def create(server, **kw):
 def _check_calls(calls, names=PARAMS):
     assert calls
     for call in calls:
-        assert call.id.startswith("call_") and call.type == "function"
+        assert len(call.id) == 9 and call.id.isalnum() and call.type == "function"  # as Mistral requires
         assert call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
     assert len({c.id for c in calls}) == len(calls)
@@ -220,6 +220,38 @@ def test_python_api_returns_typed_calls(tiny_runtime):
     assert done.finish_reason == "tool_calls" and done.content is None and done.tool_calls
 
 
+def test_parameters_with_refs_are_enforced(tiny_runtime):
+    # pydantic writes $defs/$ref for nested models and enums: each tool's schema is its own root
+    place = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    params = {
+        "$defs": {"Place": place, "Unit": {"enum": ["c", "f"]}},
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}, "unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["where", "unit"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": params}}, TOOLS[1]]
+    for seed in range(3):
+        done = tiny_runtime.chat_completion(
+            MSGS,
+            tools=tools,
+            tool_choice={"type": "function", "function": {"name": "weather"}},
+            parallel_tool_calls=False,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
+        assert done.finish_reason == "tool_calls" and len(done.tool_calls) == 1
+        call = done.tool_calls[0]
+        assert call.name == "weather" and len(call.id) == 9 and call.id.isalnum()
+        jsonschema.validate(call.args, params)
+
+
 def test_zephyr_prompt_carries_definitions_calls_and_results(tiny_runtime):
     call = {
         "id": "call_1",
@@ -278,3 +310,19 @@ def test_text_replies_are_content_even_when_they_quote_a_call():
         '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"na'
     )
     assert content is None and [(c.name, c.args) for c in calls] == [("f", {"a": 1})]
+
+
+def test_python_api_takes_its_own_tool_calls_back_and_names_bad_shapes(tiny_runtime):
+    from zlocal.errors import InvalidArgumentError
+
+    kw = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=150)
+    first = tiny_runtime.chat_completion(MSGS, **kw)
+    # the ToolCall objects a Completion holds go back as they are
+    history = [*MSGS, {"role": "assistant", "content": None, "tool_calls": first.tool_calls}]
+    history.append({"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"})
+    assert tiny_runtime.chat_completion(history, tools=TOOLS, max_tokens=5, temperature=0).finish_reason
+    bad = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [{"id": "x", "function": "f"}]}]
+    with pytest.raises(InvalidArgumentError, match=r"messages\[1\]\.tool_calls\[0\]"):
+        tiny_runtime.chat_completion(bad, **kw)
+    with pytest.raises(InvalidArgumentError, match=r"messages\[1\] must be an object"):
+        tiny_runtime.chat_completion([*MSGS, "hello"], **kw)

@@ -23,6 +23,7 @@ from .tools import (
     ToolCall,
     ToolPlan,
     check_tool_messages,
+    normalized_messages,
     parse_tool_calls,
     plain_messages,
     plan_tools,
@@ -80,21 +81,26 @@ def closed_objects(schema: Any) -> Any:
 
 
 def response_grammar(
-    compiler: GrammarCompiler, response_format: Any
+    grammars: Callable[[], GrammarCompiler], response_format: Any
 ) -> tuple[Grammar | None, Callable | None]:
-    """(grammar, parser) of a ``response_format``; InvalidArgumentError / SchemaError when bad."""
+    """(grammar, parser) of a ``response_format``; InvalidArgumentError / SchemaError when bad.
+
+    ``grammars`` returns the model's compiler; it is called only when there is a format to compile,
+    so plain requests never build the grammar engine's vocabulary."""
     if response_format is None:
         return None, None
     if _is_pydantic_model(response_format):
+        compiler = grammars()
         schema = closed_objects(response_format.model_json_schema())
         return compiler.json_schema(schema), response_format.model_validate_json
     if not isinstance(response_format, dict):
         raise InvalidArgumentError("response_format must be a dict, a JSON schema or a pydantic model class")
     kind = response_format.get("type")
-    if kind not in _FORMAT_TYPES:  # a JSON schema given directly
-        return compiler.json_schema(response_format), json.loads
     if kind == "text":
         return None, None
+    compiler = grammars()
+    if kind not in _FORMAT_TYPES:  # a JSON schema given directly
+        return compiler.json_schema(response_format), json.loads
     if kind == "json_object":
         return compiler.json_schema(None), json.loads
     spec = response_format.get("json_schema")
@@ -112,9 +118,10 @@ def plan_chat(
     parallel_tool_calls: bool | None = None,
 ) -> StructuredChat:
     """Render and tokenize ``messages`` for the runtime's template and build the grammar."""
+    messages = normalized_messages(messages)
     has_tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
     if not tools and tool_choice is None and not has_tool_turns:
-        grammar, parse = response_grammar(runtime.grammars, response_format)
+        grammar, parse = response_grammar(lambda: runtime.grammars, response_format)
         return StructuredChat(runtime.encode_chat(messages), grammar, parse)
     plan = plan_tools(tools, tool_choice, parallel_tool_calls)
     for i, tool in enumerate(plan.tools):  # name the tool whose parameters cannot be enforced
@@ -123,7 +130,7 @@ def plan_chat(
         except SchemaError as exc:
             raise SchemaError(f"tools[{i}].function.parameters: {exc}", exc.keyword) from exc
     if response_format is not None and plan.mode != "none":
-        grammar, _ = response_grammar(runtime.grammars, response_format)
+        grammar, _ = response_grammar(lambda: runtime.grammars, response_format)
         if grammar is not None:
             raise InvalidArgumentError(
                 "response_format: use either tools or a JSON response format, not both"
@@ -136,6 +143,6 @@ def plan_chat(
     else:
         ids = runtime.encode_chat(plain_messages(messages, plan))
     if plan.mode == "none":
-        grammar, parse = response_grammar(runtime.grammars, response_format)
+        grammar, parse = response_grammar(lambda: runtime.grammars, response_format)
         return StructuredChat(ids, grammar, parse, plan)
     return StructuredChat(ids, runtime.grammars.lark(tool_grammar(plan)), None, plan)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .completion import Completion, LoadInfo
 from .engine import Engine, GenerationResponse
-from .errors import BusyError, CheckpointError, ContextOverflowError, InvalidArgumentError
+from .errors import BusyError, CheckpointError, ContextOverflowError, DependencyError, InvalidArgumentError
 from .grammar import Grammar, GrammarCompiler
 from .grammar_format import StructuredChat, plan_chat, response_grammar
 from .loader import load_config, load_for_runtime
@@ -94,7 +94,12 @@ class Runtime:
         with self._grammars_lock:
             if self._grammars is None:
                 n_vocab = self.model.config.get_text_config(decoder=True).vocab_size
-                self._grammars = GrammarCompiler(self.tokenizer, n_vocab, self.template.stop_token_ids)
+                try:
+                    self._grammars = GrammarCompiler(self.tokenizer, n_vocab, self.template.stop_token_ids)
+                except (ValueError, RuntimeError, TypeError) as exc:  # e.g. a slow (Python) tokenizer
+                    raise DependencyError(
+                        f"structured output and tools need a fast tokenizer for this model: {exc}"
+                    ) from exc
             return self._grammars
 
     # -- prompt building -------------------------------------------------------------------------
@@ -298,7 +303,7 @@ class ChatSession:
         """
         validate_messages([{"role": "user", "content": user_text}])
         params = sampling_params(self.runtime.sampling_defaults, **sampling)
-        grammar, _ = response_grammar(self.runtime.grammars, response_format)
+        grammar, _ = response_grammar(lambda: self.runtime.grammars, response_format)
         if grammar is not None:
             sampling["grammar"] = grammar
         self.messages.append({"role": "user", "content": user_text})

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .errors import InvalidArgumentError, TemplateError
+from .errors import DependencyError, InvalidArgumentError, TemplateError
 from .grammar import SchemaError
 from .grammar_format import response_grammar
 from .grammar_schema import error_param, schema_error_code, tool_choice_value
@@ -169,6 +169,8 @@ def structured_errors(default_param: str):
         if isinstance(exc, SchemaError) and param == default_param:
             param = "response_format.json_schema.schema"
         raise APIError(400, str(exc), param=param, code=schema_error_code(exc)) from exc
+    except DependencyError as exc:  # the grammar engine cannot serve this model (or is missing)
+        raise APIError(501, str(exc), param=default_param, code="not_implemented") from exc
 
 
 def prepare_completion(runtime, default_max_tokens: int | None, served: tuple[str, ...], raw: bytes):
@@ -193,7 +195,7 @@ def prepare_completion(runtime, default_max_tokens: int | None, served: tuple[st
     sampling = build_sampling(runtime, req, ids, default_max_tokens, "prompt")
     if req.response_format is not None:
         with structured_errors("response_format"):
-            grammar, _ = response_grammar(runtime.grammars, req.response_format.as_dict())
+            grammar, _ = response_grammar(lambda: runtime.grammars, req.response_format.as_dict())
         if grammar is not None:
             sampling["grammar"] = grammar
     if req.logprobs is not None:

@@ -145,38 +145,34 @@ def plan_tools(
     return ToolPlan(defs, choice, names if choice != "none" else (), parallel is not False)
 
 
-def _call_schema(plan: ToolPlan) -> dict[str, Any]:
-    by_name = {t.name: t for t in plan.tools}
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": by_name[name].parameters},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for name in plan.allowed
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+# %json uses the same compact-but-spaced layout as response_format (zlocal.grammar.JSON_LAYOUT).
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def tool_grammar(plan: ToolPlan) -> str:
-    """The Lark grammar (llguidance dialect) of a reply under ``plan`` (not for mode "none")."""
-    schema = json.dumps(_call_schema(plan))
+    """The Lark grammar (llguidance dialect) of a reply under ``plan`` (not for mode "none").
+
+    Each allowed tool has its own rule whose arguments are a ``%json`` of its parameters schema as
+    the root, so the schema's own ``$ref``/``$defs`` resolve (nested in a wrapper schema they would
+    point nowhere). A call reads ``<tool_call>{"name": NAME, "arguments": {...}}</tool_call>``."""
+    by_name = {t.name: t for t in plan.tools}
     calls = 'call ("\\n" call)*' if plan.parallel else "call"
     start = "start: calls" if plan.mode == "required" else "start: text | calls"
-    # %json uses the same compact-but-spaced layout as response_format (zlocal.grammar.JSON_LAYOUT).
-    layout = '"x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}'
-    schema = schema[:-1] + (", " if schema != "{}" else "") + layout + "}"
-    return "\n".join(
-        [
-            start,
-            f"calls: {calls}",
-            f'call: "{TOOL_OPEN}" args "{TOOL_CLOSE}"',
-            f"args: %json {schema}",
-            # Plain text must not open with '<', so a reply is unambiguously text or calls.
-            r"text: /[^<](.|\n)*/",
-        ]
-    )
+    lines = [start, f"calls: {calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(plan.allowed)))]
+    for i, name in enumerate(plan.allowed):
+        params = by_name[name].parameters
+        schema = {**(params if isinstance(params, dict) else {}), "x-guidance": _LAYOUT}
+        head = json.dumps(TOOL_OPEN + json.dumps({"name": name})[:-1] + ', "arguments": ')
+        lines += [f'call_{i}: {head} args_{i} "}}{TOOL_CLOSE}"', f"args_{i}: %json {json.dumps(schema)}"]
+    # Plain text must not open with '<', so a reply is unambiguously text or calls.
+    lines.append(r"text: /[^<](.|\n)*/")
+    return "\n".join(lines)
+
+
+def new_call_id() -> str:
+    """A tool call id: 9 alphanumerics, the form Mistral's tool templates require (and OpenAI clients
+    take any string)."""
+    return uuid.uuid4().hex[:9]
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -194,7 +190,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             continue
         args = json.dumps(obj.get("arguments", {}), ensure_ascii=False)
-        calls.append(ToolCall("call_" + uuid.uuid4().hex[:24], obj["name"], args))
+        calls.append(ToolCall(new_call_id(), obj["name"], args))
     # calls cut short by max_tokens are no content either (streaming never sent them as text)
     return None, calls
 
@@ -228,6 +224,34 @@ def _calls_text(calls: Sequence[dict[str, Any]]) -> str:
             + TOOL_CLOSE
         )
     return "\n".join(out)
+
+
+def normalized_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` with each assistant ``tool_calls`` entry as an OpenAI dict (``ToolCall`` objects,
+    as ``Completion.tool_calls`` holds them, are accepted); InvalidArgumentError naming the first
+    entry of the wrong shape."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidArgumentError(f"messages[{i}] must be an object with 'role' and 'content'")
+        calls = msg.get("tool_calls")
+        if calls is None:
+            out.append(msg)
+            continue
+        if not isinstance(calls, (list, tuple)):
+            raise InvalidArgumentError(f"messages[{i}].tool_calls must be a list")
+        fixed = []
+        for j, given in enumerate(calls):
+            call = given.to_openai() if isinstance(given, ToolCall) else given
+            if not isinstance(call, dict) or not isinstance(call.get("function", {}), dict):
+                raise InvalidArgumentError(
+                    f"messages[{i}].tool_calls[{j}] must be {{id, type, function: {{name, arguments}}}}"
+                )
+            fixed.append(call)
+        out.append({**msg, "tool_calls": fixed})
+    return out
 
 
 def check_tool_messages(messages: Sequence[dict[str, Any]]) -> None:
