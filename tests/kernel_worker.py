@@ -208,6 +208,9 @@ def run_c_arguments(case: dict) -> dict:
         "dequant rows=6": k._dequant4(null, null, null, null, 6, 64, 32, 1),
         "decode null dims": k._decode(null, null, null, 0, null, null, 1),
     }
+    table = torch.zeros(16, dtype=torch.bfloat16)  # a real code table: the shape check still comes first
+    codes["int4 G=48 with a table"] = k._int4(null, null, null, table.data_ptr(), null, 1, 16, 192, 48, 1)
+    codes["dequant rows=6 with a table"] = k._dequant4(null, null, table.data_ptr(), null, 6, 64, 32, 1)
     dims = cpu_kernels._Dims(1, 64, 4, 2, 12, 128, 16, 0, 0.25)  # head_dim 12: not a multiple of 16
     layers = (cpu_kernels._Layer * 1)()
     h = torch.zeros(64, dtype=torch.bfloat16)
@@ -216,12 +219,20 @@ def run_c_arguments(case: dict) -> dict:
     )
     raised = []
     x = torch.zeros(2, 100, dtype=torch.bfloat16)
+    x4, w4 = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(4, 32, dtype=torch.uint8)
+    sz4 = torch.zeros(1, 1, 4, 2, dtype=torch.bfloat16)
     for call in (
         lambda: k.int8_mm(x, torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16, dtype=torch.bfloat16)),
         lambda: k.int4_mm(
             x, torch.zeros(16, 50, dtype=torch.uint8), torch.zeros(8, dtype=torch.bfloat16), 32
         ),
         lambda: k.int8_mm(x.float(), torch.zeros(16, 100, dtype=torch.int8), torch.zeros(16)),
+        # a code table of the wrong size or dtype, or not in host memory, never reaches C
+        lambda: k.int4_mm(x4, w4, sz4, 64, torch.zeros(8, dtype=torch.bfloat16)),
+        lambda: k.int4_mm(x4, w4, sz4, 64, torch.zeros(16)),
+        lambda: k.int4_mm(x4, w4, sz4, 64, torch.zeros(32, dtype=torch.bfloat16)[::2]),
+        lambda: k.int4_mm(x4, w4, sz4, 64, torch.zeros(16, dtype=torch.bfloat16, device="meta")),
+        lambda: k.int4_mm(x4.to("meta"), w4, sz4, 64),
     ):
         try:
             call()

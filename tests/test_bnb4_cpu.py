@@ -64,6 +64,11 @@ def test_swap_skips_layers_outside_the_kernel_layout():
     assert isinstance(model[0], Int4WeightOnlyLinear) and type(model[1]).__name__ == "Linear4bit"
     swapped, why = swap_bnb4_for_cpu(model, torch.float32)
     assert swapped == 0 and "needs bf16" in why
+    # a weight bitsandbytes repacked for its own CPU kernel is left to it
+    repacked = torch.nn.Sequential(_bnb_layer(64, 128, "nf4", True))
+    repacked[0].weight.quant_state.packing_format_for_cpu = True
+    swapped, why = swap_bnb4_for_cpu(repacked, torch.bfloat16)
+    assert swapped == 0 and "repacked" in why
 
 
 @needs_kernels

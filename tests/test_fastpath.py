@@ -236,11 +236,13 @@ def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
     # both plans run the output layer on the int8 kernel, on both paths
     assert plan.head_format == "int8" and type(rt.model.lm_head) is Int8WeightOnlyLinear
     assert rt.engine.fast.lm_head.__self__ is rt.model.lm_head
-    # The reference: the same plan loaded again, on the HF forward, never given to the lean forward
-    # (whose fusion re-points the weights of the modules it fuses).
+    # The reference: the same plan loaded again, on the HF forward, never prepared for the lean
+    # forward (whose fusion re-points the weights of the modules it fuses).
     resolved, config, tokenizer, _ = load_chat_template(str(tiny_zephyr))
     ref_plan = cpu_plan(str(tiny_zephyr), fmt, dtype=dtype, max_context=256)
-    ref_model = load_for_runtime(resolved, config, plan=ref_plan, dtype=dtype, max_context=256).model
+    loaded = load_for_runtime(resolved, config, plan=ref_plan, dtype=dtype, max_context=256, prepare=False)
+    ref_model = loaded.model
+    assert prepare._PREPARED.get(ref_model) is None  # its modules hold their own weights
     ref = Engine(ref_model, tokenizer, 256, fast=False)
     ids = rt.encode("The lighthouse keeper climbed the spiral stairs every evening and")
     e = rt.engine

@@ -272,10 +272,14 @@ class TensorStore:
     def __init__(self, folder: Path):
         self._where: dict[str, MappedShard] = {}
         self._shards = []
-        for path in checkpoint_shards(folder):
-            shard = MappedShard(path, read_header(path)[0])
-            self._shards.append(shard)
-            self._where.update(dict.fromkeys(shard.entries, shard))
+        try:
+            for path in checkpoint_shards(folder):
+                shard = MappedShard(path, read_header(path)[0])
+                self._shards.append(shard)
+                self._where.update(dict.fromkeys(shard.entries, shard))
+        except BaseException:
+            self.close()  # the shards opened before the bad one
+            raise
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

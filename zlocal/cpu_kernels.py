@@ -169,7 +169,7 @@ def code_table(values: torch.Tensor) -> torch.Tensor:
     """The 16 values int4 codes stand for (e.g. bitsandbytes' NF4 table) as the kernels read them:
     16 contiguous bf16 values (each rounded to bf16 once)."""
     _require(values.numel() == CODE_COUNT, f"a code table of {values.numel()} values (it needs 16)")
-    return values.detach().reshape(CODE_COUNT).to(torch.bfloat16).contiguous()
+    return values.detach().reshape(CODE_COUNT).to("cpu", torch.bfloat16).contiguous()
 
 
 def _codes_ptr(codes: torch.Tensor | None) -> int | None:
@@ -185,15 +185,16 @@ def _require(ok: bool, what: str) -> None:
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:
-    ok = x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous()
-    _require(ok, f"input {x.dtype} {list(x.shape)}")
+    # a pointer to GPU memory would be read as host memory by the C code: refuse it here
+    ok = x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous() and x.device.type == "cpu"
+    _require(ok, f"input {x.dtype} {list(x.shape)} on {x.device}")
     _require(x.shape[0] >= 1, "empty input")
     return x.shape[0], x.shape[1]
 
 
 def _require_buffer(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
-    ok = t.dtype == dtype and t.is_contiguous() and t.numel() == numel
-    _require(ok, f"{what} ({t.dtype}, {list(t.shape)})")
+    ok = t.dtype == dtype and t.is_contiguous() and t.numel() == numel and t.device.type == "cpu"
+    _require(ok, f"{what} ({t.dtype}, {list(t.shape)}, {t.device})")
 
 
 def _raise_for(err: int, what: str, floats: int) -> None:
@@ -300,8 +301,8 @@ def stack_supported(layers: list[StackLayer], head_dim: int) -> str | None:
             quantized = getattr(mod, "layout", None) == "zlocal" and mod.dtype == torch.bfloat16
             if not quantized or mod.bias is not None:
                 return f"layer {i} {name} is not a bias-free bf16 int4/int8 layer on zlocal's kernels"
-            if not all(t.is_contiguous() for t in mod.buffers()):
-                return f"layer {i} {name} has non-contiguous tensors"
+            if not all(t.is_contiguous() and t.device.type == "cpu" for t in mod.buffers()):
+                return f"layer {i} {name} has non-contiguous or non-CPU tensors"
         if lay.w_in.dtype != torch.bfloat16 or lay.w_post.dtype != torch.bfloat16:
             return f"layer {i} norms are not bf16"
     return None

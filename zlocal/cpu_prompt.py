@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
+from .errors import InvalidArgumentError
 
 # innerKTiles of the CPU int4 packing (torch._convert_weight_to_int4pack_for_cpu)
 INNER_K_TILES = 8
@@ -130,6 +131,8 @@ def int4_matmul_blockwise(
     rows, buf = _scratch_rows(out_f, in_f)
     # zlocal's layout exists only where its kernels run: they dequantize a block in one C pass
     kernel = cpu_kernels.kernels() if block is None else None
+    if codes is not None and kernel is None:  # torch's path knows only the integer codes 0..15
+        raise InvalidArgumentError("an int4 code table needs zlocal's CPU kernels")
     if kernel is None:
         scales, zeros = scales_and_zeros[..., 0].t(), scales_and_zeros[..., 1].t()  # [out, groups]
     parts = []

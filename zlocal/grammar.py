@@ -44,8 +44,9 @@ class SchemaError(InvalidArgumentError):
         self.keyword = keyword
 
 
-class GrammarStateError(InvalidArgumentError):
-    """The generated token broke the grammar (a bug, never the client's input)."""
+class GrammarStateError(RuntimeError):
+    """The generated token broke the grammar: a bug, never the client's input (so not a ZlocalError:
+    the server answers 500 and logs it)."""
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,12 @@ def load_for_runtime(
     device: str | None = None,
     max_context: int | None = None,
     hardware=None,
+    prepare: bool = True,
 ) -> LoadedModel:
     """Load the model the way the runtime will use it; returns the model and the context to allocate.
+
+    ``prepare=False`` leaves the HF modules as loaded, without the lean forward's fusion (reference
+    models in tests and checks).
 
     ``plan`` ("auto", a LoadPlan, or a path to a plan JSON) decides devices and formats; ``None``
     puts everything on ``device`` (default: CUDA if present, else CPU) in ``dtype``, unquantized.
@@ -249,7 +253,7 @@ def load_for_runtime(
     if plan is None:
         loaded = load_model(resolved, dtype=dtype, device=device)
         loaded.max_context = min(model_ctx, 4096) if max_context is None else int(max_context)
-        return _prepare(loaded)
+        return _prepare(loaded) if prepare else loaded
     from .memory import ModelShape
     from .plan_stepdown import step_down
 
@@ -261,6 +265,8 @@ def load_for_runtime(
         loaded = None
         try:
             loaded = load_with_plan(resolved, config, lp)
+            if prepare:
+                _prepare(loaded)  # before the warm-up: packing allocates too
             _warm_up(loaded.model)
             return loaded
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -330,7 +336,6 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
         loaded = LoadedModel(model=model, device=device, dtype=dtype, device_map=device_map)
     if lp.head_format:  # the one head format, zlocal's per-channel int8
         quantize_head_int8(loaded.model, dtype)
-    _prepare(loaded)
     loaded.plan = lp
     loaded.max_context = lp.max_context
     return loaded

@@ -120,7 +120,7 @@ def predict_tok_s(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: s
         t += head / (b.gpu_bw * 1e9 * 0.75)
     if n - g:
         cpu = get_format(cpu_fmt)
-        eff = cpu.cpu_share(b.cores, b.own_int4)
+        eff = cpu.cpu_share(b.cores, b.own_int4, spec.compute)
         per_layer = layer_weight_bytes(shape, cpu_fmt, compute_bytes, bits, group_size)
         # every layer on the CPU in int8/int4 over bf16 runs on the decode kernel (fastpath)
         one_call = not g and cpu.one_call_decode(b.own_int4) and spec.compute == "bf16"

@@ -51,7 +51,15 @@ DOCS_ASSETS = {
 
 def swagger_dir() -> Path:
     """Where the pinned ``fastapi-offline`` package keeps its Swagger UI build."""
-    import fastapi_offline
+    try:
+        import fastapi_offline
+    except ImportError as exc:
+        from .errors import DependencyError
+
+        raise DependencyError(
+            "the server's offline /docs need fastapi-offline: pip install -c scripts/constraints.txt "
+            "-e '.[serve]'"
+        ) from exc
 
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 

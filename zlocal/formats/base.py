@@ -39,8 +39,9 @@ class WeightFormat:
         """Resident bytes of one (out_f, in_f) Linear weight."""
         raise NotImplementedError
 
-    def cpu_share(self, cores: int, own_kernels: bool = False) -> float:
-        """Share of the CPU's RAM bandwidth this format's CPU kernel reaches with ``cores`` cores."""
+    def cpu_share(self, cores: int, own_kernels: bool = False, compute: str = "bf16") -> float:
+        """Share of the CPU's RAM bandwidth this format's CPU kernel reaches with ``cores`` cores
+        (``compute``: the plan's compute dtype)."""
         return min(CPU_SHARE_MAX, self._cpu_share_per_core(own_kernels) * max(1, cores))
 
     def _cpu_share_per_core(self, own_kernels: bool) -> float:

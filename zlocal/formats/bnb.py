@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import WeightFormat
+from .base import CPU_SHARE_MAX, WeightFormat
 
 
 def _bnb():
@@ -163,10 +163,11 @@ class Bnb4bit(WeightFormat):
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         return self.offered_on_load and device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
 
-    def _cpu_share_per_core(self, own_kernels: bool) -> float:
-        # on zlocal's int4 kernel (bnb4_cpu) as its own int4; bitsandbytes' CPU path dequantizes
-        # the whole weight for every product (0.48x llama.cpp's decode on SmolLM2)
-        return 0.42 if own_kernels else 0.12
+    def cpu_share(self, cores: int, own_kernels: bool = False, compute: str = "bf16") -> float:
+        # on zlocal's int4 kernel (bnb4_cpu, bf16 only) as its own int4; bitsandbytes' CPU path
+        # dequantizes the whole weight for every product (0.48x llama.cpp's decode on SmolLM2)
+        per_core = 0.42 if own_kernels and compute == "bf16" else 0.12
+        return min(CPU_SHARE_MAX, per_core * max(1, cores))
 
     def one_call_decode(self, own_kernels: bool) -> bool:
         return own_kernels

@@ -47,6 +47,9 @@ def kernel_supports(quant_state, out_features: int, in_features: int) -> str | N
     from .. import cpu_kernels
 
     block = int(quant_state.blocksize)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a weight in place for its own AVX-512 kernel on its first CPU forward
+        return "bitsandbytes repacked this weight for its CPU kernel (a forward ran before the swap)"
     if in_features % block:
         return f"blocks of {block} weights straddle the {in_features}-wide rows"
     if not cpu_kernels.supports_int4(out_features, in_features, block):
@@ -65,7 +68,9 @@ def int4_module(module, dtype: torch.dtype):
     codes = unpack_codes(module.weight.data, n, k)
     scale = block_absmax(state).reshape(n, k // block).to(dtype)
     sz = torch.stack([scale, scale * 8], dim=-1).transpose(0, 1)  # [K/B, N, 2]; 8 * a bf16 is exact
-    table = code_values(state.quant_type)
+    # the table the state carries (bitsandbytes' NF4/FP4 values), else the format's
+    code = getattr(state, "code", None)
+    table = code.float().cpu() if code is not None else code_values(state.quant_type)
     new = Int4WeightOnlyLinear(k, n, module.bias is not None, dtype, block, codes=table)
     new.weight = cpu_kernels.pack_int4(codes)
     new.scales_and_zeros = cpu_kernels.pack_scales(sz.contiguous())
