@@ -326,3 +326,11 @@ def test_python_api_takes_its_own_tool_calls_back_and_names_bad_shapes(tiny_runt
         tiny_runtime.chat_completion(bad, **kw)
     with pytest.raises(InvalidArgumentError, match=r"messages\[1\] must be an object"):
         tiny_runtime.chat_completion([*MSGS, "hello"], **kw)
+
+
+def test_a_reply_cut_by_max_tokens_stays_length_after_complete_calls():
+    from zlocal.server_responses import _final_reason
+
+    assert _final_reason("length", called=True) == "length"  # a later call may have been lost
+    assert _final_reason("stop", called=True) == "tool_calls"
+    assert _final_reason("stop") == "stop"

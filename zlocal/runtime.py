@@ -185,7 +185,8 @@ class Runtime:
         ``{"type": "json_object" | "json_schema", ...}`` dict; the reply is constrained to it and
         ``Completion.parsed`` holds the parsed value. ``tools`` (OpenAI tool dicts or
         zlocal.tools.FunctionTool), ``tool_choice`` and ``parallel_tool_calls``: ``Completion.tool_calls``
-        holds typed ToolCall objects and ``finish_reason`` is "tool_calls" when the model called any.
+        holds typed ToolCall objects and ``finish_reason`` is "tool_calls" when the model called any
+        (still "length" when max_new_tokens cut the reply).
         """
         kw = {k: sampling.pop(k) for k in _STRUCTURED if k in sampling}
         plan = self.plan_chat(messages, **kw)
@@ -193,7 +194,7 @@ class Runtime:
             self.stream_chat(messages, structured=plan, **sampling), bool(sampling.get("logprobs"))
         )
         done.content, done.parsed, done.tool_calls = plan.read(done.text)
-        if done.tool_calls:
+        if done.tool_calls and done.finish_reason != "length":  # cut short: a later call may be lost
             done.finish_reason = "tool_calls"
         return done
 

@@ -95,9 +95,10 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _final_reason(reason: str | None, called: bool = False) -> str:
-    if called:
-        return "tool_calls"
-    return "length" if reason == "length" else "stop"
+    # a reply cut by max_tokens stays "length" even after complete calls (a later one was lost)
+    if reason == "length":
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 def _deltas(reply: Reply, created: int, index: int, choice: _Choice, text: str):
