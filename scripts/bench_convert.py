@@ -47,7 +47,7 @@ MISTRAL_7B = dict(
 # Child: run one conversion and report its own peak RSS (ru_maxrss is per process, in KiB on Linux).
 _CHILD = """
 import json, resource, sys, time
-from zlocal.convert import convert
+from zlocal.conversion.convert import convert
 t = time.time()
 r = convert(sys.argv[1], sys.argv[2], sys.argv[3], evaluate=sys.argv[4] == "eval", quiet=True)
 print(json.dumps({"seconds": round(time.time() - t, 2), "output_bytes": r.output_bytes, "files": len(r.files),

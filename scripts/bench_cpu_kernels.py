@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from zlocal import dense_kernels
-from zlocal.cpu_quant import quantize_linear
+from zlocal.kernels import dense_kernels
+from zlocal.kernels.cpu_quant import quantize_linear
 
 MISTRAL_LINEARS = {
     "q_proj/o_proj 4096x4096": (4096, 4096),
@@ -89,8 +89,8 @@ def bench_linears(repeats: int) -> list[dict]:
 def bench_model(tokens: int) -> list[dict]:
     """Greedy decode tok/s of SmolLM2-135M with bf16, int8 and int4 plans through zlocal.load."""
     import zlocal
-    from zlocal.loader import current_hardware, load_config, plan_for
-    from zlocal.resolve import resolve_model
+    from zlocal.checkpoint.resolve import resolve_model
+    from zlocal.inference.loader import current_hardware, load_config, plan_for
 
     resolved = resolve_model("smollm2-135m")
     config = load_config(resolved)
@@ -102,8 +102,8 @@ def bench_model(tokens: int) -> list[dict]:
     prompt = [{"role": "user", "content": "Write a short paragraph about the history of the bicycle."}]
     for fmt in ("bf16", "int8", "int4"):
         plan = dataclasses.replace(base, cpu_format=fmt, reasons=[])
-        from zlocal.memory import ModelShape
-        from zlocal.plan import _Budget, _Spec, predict_tok_s
+        from zlocal.planning.memory import ModelShape
+        from zlocal.planning.plan import _Budget, _Spec, predict_tok_s
 
         spec = _Spec(
             ModelShape.from_config(config),
@@ -148,7 +148,7 @@ def main() -> None:
     if args.threads:
         # with other processes on the cores, one thread avoids waiting at OpenMP barriers
         torch.set_num_threads(args.threads)
-    from zlocal.hardware import profile_machine
+    from zlocal.planning.hardware import profile_machine
 
     hw = profile_machine()
     result = {

@@ -77,7 +77,7 @@ def decode_cost(rt, tokens: int, repeats: int) -> dict:
 
 def compile_cost(rt, count: int) -> dict:
     """Compile time of distinct schemas on an already built vocabulary (the first one apart)."""
-    from zlocal.grammar import GrammarCompiler
+    from zlocal.inference.grammar import GrammarCompiler
 
     t0 = time.perf_counter()
     n_vocab = rt.model.config.get_text_config(decoder=True).vocab_size
@@ -271,8 +271,8 @@ def main(argv=None) -> int:
     import torch
 
     import zlocal
-    from zlocal.bench import cpu_plan, decode_path, machine_info
-    from zlocal.embedded import ensure_embedded_model
+    from zlocal.checkpoint.embedded import ensure_embedded_model
+    from zlocal.inference.bench import cpu_plan, decode_path, machine_info
 
     path = str(ensure_embedded_model())
     plan = cpu_plan(path, "int8", dtype="bfloat16", max_context=2048)

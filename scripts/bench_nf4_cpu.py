@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 import zlocal
-from zlocal.bench import loadavg, machine_info, measure_once, synthetic_prompt
-from zlocal.convert import convert
-from zlocal.embedded import gguf_path
+from zlocal.checkpoint.embedded import gguf_path
+from zlocal.checkpoint.resolve import resolve_model
+from zlocal.conversion.convert import convert
+from zlocal.conversion.quality import eval_texts
+from zlocal.inference.bench import loadavg, machine_info, measure_once, synthetic_prompt
 from zlocal.paths import cache_dir
-from zlocal.quality import eval_texts
-from zlocal.resolve import resolve_model
 
 WINDOW = 512
 
@@ -68,8 +68,8 @@ def dense_fp32_models(path: Path):
     float32) and the weights zlocal's int4 modules hold (bf16 table values times bf16 scales)."""
     from transformers import AutoModelForCausalLM
 
-    from zlocal.cpu_quant import dequantized_weight
     from zlocal.formats.bnb4_cpu import block_absmax, int4_module
+    from zlocal.kernels.cpu_quant import dequantized_weight
 
     models = []
     for use_ours in (False, True):

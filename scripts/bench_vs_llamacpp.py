@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 import zlocal
-from zlocal.bench import cpu_plan, loadavg, machine_info, measure_once, synthetic_prompt
-from zlocal.hardware import measure_cpu_bandwidth
+from zlocal.inference.bench import cpu_plan, loadavg, machine_info, measure_once, synthetic_prompt
 from zlocal.paths import cache_dir
+from zlocal.planning.hardware import measure_cpu_bandwidth
 
 LLAMA_CPP_PYTHON = "0.3.36"
 PAIRS = {8: ("int8", "Q8_0"), 4: ("int4", "Q4_0")}
@@ -385,7 +385,7 @@ def main() -> None:
     }
     for name in args.models.split(","):
         if name == "smollm2":
-            from zlocal.resolve import resolve_model
+            from zlocal.checkpoint.resolve import resolve_model
 
             model_dir, key = Path(resolve_model("smollm2-135m").path), "smollm2-135m-instruct"
         elif name == "mistral":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from zlocal.hardware import hardware_from_profile, list_profiles
-from zlocal.memory import GIB, ModelShape
-from zlocal.plan import make_plan
+from zlocal.planning.hardware import hardware_from_profile, list_profiles
+from zlocal.planning.memory import GIB, ModelShape
+from zlocal.planning.plan import make_plan
 
 
 def table(model: str, ctx: int, prefer: str) -> str:

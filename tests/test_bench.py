@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from zlocal import cli, cpu_kernels
-from zlocal.bench import conversation, measure_multiturn, run_bench, synthetic_prompt
-from zlocal.engine import common_prefix
+from zlocal import cli
 from zlocal.errors import InvalidArgumentError
+from zlocal.inference.bench import conversation, measure_multiturn, run_bench, synthetic_prompt
+from zlocal.inference.engine import common_prefix
+from zlocal.kernels import cpu_kernels
 
 
 def test_bench_command_json(tiny_zephyr, capsys):

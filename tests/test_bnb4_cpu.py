@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import zlocal
-from zlocal import cpu_kernels
-from zlocal.convert import convert
-from zlocal.cpu_quant import Int4WeightOnlyLinear, dequantized_weight
+from zlocal.conversion.convert import convert
 from zlocal.formats.bnb4_cpu import int4_module, swap_bnb4_for_cpu
+from zlocal.kernels import cpu_kernels
+from zlocal.kernels.cpu_quant import Int4WeightOnlyLinear, dequantized_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 needs_kernels = pytest.mark.skipif(cpu_kernels.kernels() is None, reason=cpu_kernels.kernel_status())

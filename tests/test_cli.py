@@ -99,8 +99,8 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, tiny_zephyr, plan):
     # both loaders: transformers' from_pretrained (dense) and zlocal's streaming quantize-on-load
     import shutil
 
-    from zlocal.bench import cpu_plan
-    from zlocal.loadplan import save_plan
+    from zlocal.inference.bench import cpu_plan
+    from zlocal.planning.loadplan import save_plan
 
     d = tmp_path / "broken"
     shutil.copytree(tiny_zephyr, d)

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from zlocal.config_check import MAX_CONFIG_BYTES, check_config
+from zlocal.checkpoint.config_check import MAX_CONFIG_BYTES, check_config
+from zlocal.checkpoint.resolve import resolve_model
 from zlocal.errors import CheckpointError
-from zlocal.resolve import resolve_model
 
 BASE = {
     "model_type": "mistral",
@@ -205,7 +205,7 @@ def test_every_command_reports_one_line(case, command, ckpt, tmp_path, capsys):
 
 
 def test_embedded_alias_is_checked_too(ckpt, monkeypatch):
-    from zlocal import embedded
+    from zlocal.checkpoint import embedded
 
     d = ckpt(num_attention_heads=0)
     monkeypatch.setattr(embedded, "ensure_embedded_model", lambda: d)

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zlocal.convert import convert
+from zlocal.checkpoint.manifest import verify
+from zlocal.conversion.convert import convert
 from zlocal.errors import CheckpointError, ConversionError, InvalidArgumentError
-from zlocal.manifest import verify
 
 BNB = ["nf4", "fp4", "int8"]
 
@@ -95,7 +95,7 @@ def test_output_has_manifest_and_aux_files(bnb_outputs, tiny_zephyr):
     m = json.loads((out / "zlocal.json").read_text())
     assert m["method"] == "nf4" and m["bits"] == 4
     src_hash = m["source"]["shards"]["model.safetensors"]
-    from zlocal.manifest import sha256_file
+    from zlocal.checkpoint.manifest import sha256_file
 
     assert src_hash == sha256_file(tiny_zephyr / "model.safetensors")
     assert set(m["files"]) >= {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"}
@@ -208,7 +208,7 @@ def test_bad_group_size_refused_before_work(gs, tiny_zephyr, tmp_path):
 
 
 def test_group_size_must_divide_every_layer():
-    from zlocal.quantize_gptq import check_group_size, default_group_size
+    from zlocal.conversion.quantize_gptq import check_group_size, default_group_size
 
     smol = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_hidden_layers": 30}
     assert default_group_size(smol) == 64
@@ -219,7 +219,7 @@ def test_group_size_must_divide_every_layer():
 
 
 def test_not_enough_disk(tiny_zephyr, tmp_path, monkeypatch):
-    import zlocal.convert_output as zo
+    import zlocal.conversion.convert_output as zo
 
     monkeypatch.setattr(zo, "free_bytes", lambda p: 10_000_000)
     with pytest.raises(ConversionError, match="not enough disk space"):

@@ -1,7 +1,7 @@
 """bitsandbytes outputs must load on the CPU in plain transformers, or be refused before any work.
 
 bitsandbytes 0.50.2 repacks 4-bit weights for its AVX-512 BF16 CPU kernel on the first forward and
-that needs out_features % 32 == 0 and in_features % 64 == 0 (zlocal.quantize_bnb.cpu_loadable);
+that needs out_features % 32 == 0 and in_features % 64 == 0 (zlocal.conversion.quantize_bnb.cpu_loadable);
 int8 has no such step.
 """
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.fixtures import build_tiny_mistral
-from zlocal.convert import convert
+from zlocal.checkpoint.manifest import verify
+from zlocal.conversion.convert import convert
+from zlocal.conversion.quantize_bnb import cpu_loadable, quantize_tensor
 from zlocal.errors import ConversionError
-from zlocal.manifest import verify
-from zlocal.quantize_bnb import cpu_loadable, quantize_tensor
 
 
 def _tiny(tmp_path_factory, name: str, **overrides):

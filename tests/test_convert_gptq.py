@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from zlocal import cpu_kernels
-from zlocal.bench import decode_path
-from zlocal.convert import convert
-from zlocal.manifest import verify
+from zlocal.checkpoint.manifest import verify
+from zlocal.conversion.convert import convert
+from zlocal.inference.bench import decode_path
+from zlocal.kernels import cpu_kernels
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
@@ -69,8 +69,8 @@ def test_gptq_round_trip(method, bits, tiny_zephyr, tmp_path):
 
 
 def test_calibration_windows_differ(mistral_tokenizer):
-    from zlocal.quality import builtin_text
-    from zlocal.quantize_gptq import calibration_samples
+    from zlocal.conversion.quality import builtin_text
+    from zlocal.conversion.quantize_gptq import calibration_samples
 
     s = calibration_samples(mistral_tokenizer, builtin_text("calibration.txt"), 8, 256)
     assert len(s) == 8 and all(len(x["input_ids"]) == 256 for x in s)
@@ -78,8 +78,8 @@ def test_calibration_windows_differ(mistral_tokenizer):
 
 
 def test_sym_option_reaches_the_plan_and_is_gptq_only(tiny_zephyr, tmp_path):
+    from zlocal.conversion.quantize_gptq import plan_gptq
     from zlocal.errors import InvalidArgumentError
-    from zlocal.quantize_gptq import plan_gptq
 
     config = json.loads((tiny_zephyr / "config.json").read_text())
     common = dict(bits=4, group_size=None, samples=None, seq_len=None, calibration=None)
@@ -93,8 +93,8 @@ def test_sym_option_reaches_the_plan_and_is_gptq_only(tiny_zephyr, tmp_path):
 def test_group_size_falls_back_to_per_channel():
     """Input features 200 (the issue's case): no preferred size divides it, so per-channel, said
     in one line, with scale tuning (which needs groups) off by default and refused on request."""
+    from zlocal.conversion.quantize_gptq import PER_CHANNEL, check_group_size, default_group_size, plan_gptq
     from zlocal.errors import InvalidArgumentError
-    from zlocal.quantize_gptq import PER_CHANNEL, check_group_size, default_group_size, plan_gptq
 
     odd = {"hidden_size": 200, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
     odd |= {"num_hidden_layers": 2, "vocab_size": 32000}
@@ -124,8 +124,8 @@ def test_per_channel_round_trip(method, tmp_path, capsys):
 
     import zlocal
     from tests.fixtures import build_tiny_mistral
-    from zlocal.manifest import sha256_file
-    from zlocal.quality import builtin_text
+    from zlocal.checkpoint.manifest import sha256_file
+    from zlocal.conversion.quality import builtin_text
 
     src = tmp_path / "src"
     build_tiny_mistral(src, hidden_size=200)

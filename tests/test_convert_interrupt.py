@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from zlocal.convert import TMP_MARK, clean_stale_temp, convert
-from zlocal.manifest import verify
+from zlocal.checkpoint.manifest import verify
+from zlocal.conversion.convert import TMP_MARK, clean_stale_temp, convert
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from zlocal.convert import TMP_MARK, convert
+from zlocal.checkpoint.manifest import MANIFEST_NAME, sha256_file, verify
+from zlocal.conversion.convert import TMP_MARK, convert
 from zlocal.errors import ConversionError
-from zlocal.manifest import MANIFEST_NAME, sha256_file, verify
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from zlocal import cpu_kernels, cpu_kernels_check, cpu_quant
+from zlocal.kernels import cpu_kernels, cpu_kernels_check, cpu_quant
 
 
 def _kernel():
@@ -241,7 +241,7 @@ def test_int8_packing_round_trip_and_module():
 
 
 def test_profile_reports_whether_the_own_kernels_run():
-    from zlocal.hardware import profile_machine
+    from zlocal.planning.hardware import profile_machine
 
     kernels = profile_machine(measure_bandwidth=False).kernels
     runs = cpu_kernels.kernels() is not None

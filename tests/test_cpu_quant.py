@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import zlocal
-from zlocal import cpu_kernels, cpu_prompt
-from zlocal.cpu_quant import (
+from zlocal.kernels import cpu_kernels, cpu_prompt
+from zlocal.kernels.cpu_quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     can_quantize,
@@ -20,8 +20,8 @@ from zlocal.cpu_quant import (
     quantize_int8,
     quantize_linear,
 )
-from zlocal.cpu_quant_handler import WeightOnlyQuantHandler, quantized_bytes
-from zlocal.memory import ModelShape, estimate
+from zlocal.kernels.cpu_quant_handler import WeightOnlyQuantHandler, quantized_bytes
+from zlocal.planning.memory import ModelShape, estimate
 
 
 def _dequant_int8(q, scales):
@@ -71,7 +71,7 @@ def test_kernel_close_to_float_linear(bits, rel):
 
 @pytest.mark.parametrize("out_f", [300, 64])
 def test_blockwise_int8_prefill_matches_the_kernel(out_f, kernel_layout, monkeypatch):
-    from zlocal import cpu_kernels, cpu_quant
+    from zlocal.kernels import cpu_kernels, cpu_quant
 
     # a scratch of 128 rows: several blocks and a partial last one
     monkeypatch.setattr(cpu_prompt, "_SCRATCH_ELEMS", 128 * 256)
@@ -100,7 +100,7 @@ def test_blockwise_int8_prefill_matches_the_kernel(out_f, kernel_layout, monkeyp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [31, 32])
 def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, monkeypatch):
-    from zlocal import cpu_quant
+    from zlocal.kernels import cpu_quant
 
     calls = []
     real = cpu_quant.int8_matmul_blockwise
@@ -114,7 +114,7 @@ def test_int8_module_takes_the_blockwise_path_for_bf16_prompts(dtype, tokens, mo
 
 @pytest.mark.parametrize("out_f", [320, 64])
 def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, kernel_layout, monkeypatch):
-    from zlocal import cpu_kernels, cpu_quant
+    from zlocal.kernels import cpu_kernels, cpu_quant
 
     block = cpu_quant.int4_pack_block()
     assert block in (64, 32)  # torch's CPU int4 layout was read back from known codes
@@ -144,7 +144,7 @@ def test_blockwise_int4_prefill_matches_the_dequantized_weights(out_f, kernel_la
 def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(
     dtype, tokens, kernel_layout, monkeypatch
 ):
-    from zlocal import cpu_quant
+    from zlocal.kernels import cpu_quant
 
     calls = []
     real = cpu_quant.int4_matmul_blockwise
@@ -165,7 +165,7 @@ def test_int4_module_takes_the_blockwise_path_for_long_bf16_prompts(
 
 
 def test_blockwise_scratch_works_in_and_outside_inference_mode(monkeypatch):
-    from zlocal import cpu_quant
+    from zlocal.kernels import cpu_quant
 
     monkeypatch.setattr(cpu_prompt, "_scratch", __import__("threading").local())  # a fresh scratch
     m = quantize_linear(torch.randn(64, 128), None, 8, torch.bfloat16, layout="torch")
@@ -179,7 +179,7 @@ def test_blockwise_scratch_works_in_and_outside_inference_mode(monkeypatch):
 def test_blockwise_scratch_is_per_thread(monkeypatch):
     import threading
 
-    from zlocal import cpu_quant
+    from zlocal.kernels import cpu_quant
 
     monkeypatch.setattr(cpu_prompt, "_SCRATCH_ELEMS", 64 * 512)
     torch.manual_seed(0)
@@ -238,8 +238,8 @@ def test_handler_two_phases_equal_one_shot():
 
 def auto_plan(path, dtype: str = "float32", ctx: int = 512):
     """The plan zlocal.load(path, dtype=dtype, max_context=ctx) makes on this machine."""
-    from zlocal.loader import load_config, plan_for
-    from zlocal.resolve import resolve_model
+    from zlocal.checkpoint.resolve import resolve_model
+    from zlocal.inference.loader import load_config, plan_for
 
     resolved = resolve_model(str(path))
     return plan_for(resolved, load_config(resolved), plan="auto", dtype=dtype, max_context=ctx)
@@ -362,8 +362,8 @@ def test_int8_head_is_a_separate_copy_and_estimated(smollm2_runtime, smollm2_int
 
 def test_streamed_load_equals_two_phase_handler(tiny_zephyr):
     streamed = zlocal.load(str(tiny_zephyr), plan=_plan(auto_plan(tiny_zephyr), "int4", "fp32"))
-    from zlocal.loader import load_model, quantize_head_int8
-    from zlocal.resolve import resolve_model
+    from zlocal.checkpoint.resolve import resolve_model
+    from zlocal.inference.loader import load_model, quantize_head_int8
 
     dense = load_model(resolve_model(str(tiny_zephyr)), dtype="float32", device="cpu").model
     WeightOnlyQuantHandler(dense, bits=4, dtype=torch.float32, group_size=streamed.plan.group_size).apply()

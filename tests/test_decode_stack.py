@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import zlocal
-from zlocal import cpu_kernels
-from zlocal.bench import cpu_plan, decode_path
+from zlocal.inference.bench import cpu_plan, decode_path
+from zlocal.kernels import cpu_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -119,10 +119,10 @@ def test_stack_runs_only_on_quantized_bf16_layers(tiny_zephyr):
 
 def test_stack_mixes_int4_and_int8_layers(tiny_zephyr):
     # each projection tells the kernel its own bits and group size
-    from zlocal import prepare
-    from zlocal.cpu_quant import quantize_linear
-    from zlocal.fastpath import FastForward
-    from zlocal.kvcache import KVCache
+    from zlocal.inference import prepare
+    from zlocal.inference.fastpath import FastForward
+    from zlocal.inference.kvcache import KVCache
+    from zlocal.kernels.cpu_quant import quantize_linear
 
     model = _load(tiny_zephyr, "int4").model
     mlp = model.model.layers[1].mlp

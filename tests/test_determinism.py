@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import zlocal
-from zlocal.engine import DEFAULT_PREFILL_CHUNK, HISTORY_LEN
 from zlocal.errors import InvalidArgumentError
+from zlocal.inference.engine import DEFAULT_PREFILL_CHUNK, HISTORY_LEN
 
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "
@@ -133,7 +133,7 @@ def test_history_keeps_only_the_last_calls(tiny_runtime):
 
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2):
-    from zlocal.bench import cpu_plan
+    from zlocal.inference.bench import cpu_plan
 
     plan = cpu_plan(str(smollm2), "int4", dtype="bfloat16", max_context=512)
     return zlocal.load(str(smollm2), plan=plan, dtype="bfloat16", max_context=512)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zlocal.detok import IncrementalDecoder, StopStringFilter
+from zlocal.inference.detok import IncrementalDecoder, StopStringFilter
 
 TEXTS = [
     "Hello world, how are you?",

@@ -12,7 +12,7 @@ import pytest
 
 from tests.page_helpers import API_KEY, secured_server
 from tests.server_helpers import shared_server
-from zlocal.server_pages import PAGE_CSP, STATIC_DIR, swagger_dir
+from zlocal.serving.server_pages import PAGE_CSP, STATIC_DIR, swagger_dir
 
 EXTERNAL = re.compile(r"(?:https?:)?//[\w.-]+", re.IGNORECASE)
 REFERENCE = re.compile(r"""(?:src|href)="([^"]+)"|url: '([^']+)'""")

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from zlocal.engine import DEFAULT_PREFILL_CHUNK
 from zlocal.errors import BusyError, ContextOverflowError
+from zlocal.inference.engine import DEFAULT_PREFILL_CHUNK
 
 LONG_TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening, counting the steps aloud, "

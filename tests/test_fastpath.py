@@ -7,12 +7,13 @@ import torch
 
 import zlocal
 from tests.test_engine import hf_greedy, reference_model
-from zlocal import cpu_kernels, dense_kernels, prepare
-from zlocal.cpu_quant_handler import quantized_bytes
-from zlocal.engine import DEFAULT_PREFILL_CHUNK, Engine
-from zlocal.fastpath import unsupported_reason
-from zlocal.memory import ModelShape, estimate
-from zlocal.sampling import SamplingParams
+from zlocal.inference import prepare
+from zlocal.inference.engine import DEFAULT_PREFILL_CHUNK, Engine
+from zlocal.inference.fastpath import unsupported_reason
+from zlocal.inference.sampling import SamplingParams
+from zlocal.kernels import cpu_kernels, dense_kernels
+from zlocal.kernels.cpu_quant_handler import quantized_bytes
+from zlocal.planning.memory import ModelShape, estimate
 
 
 def _greedy(rt, ids, n, fast):
@@ -152,8 +153,8 @@ def test_fast_greedy_equals_hf_forward_smollm2_bf16(smollm2_bf16):
 
 @pytest.mark.parametrize("outs", [(64, 32, 32), (48, 16), (64, 64), (128, 64, 192)])
 def test_int4_fusion_only_on_whole_pack_blocks(outs):
-    from zlocal.cpu_quant import quantize_linear
-    from zlocal.prepare import _fuse_quantized, _projection
+    from zlocal.inference.prepare import _fuse_quantized, _projection
+    from zlocal.kernels.cpu_quant import quantize_linear
 
     parts = [quantize_linear(torch.randn(o, 128), None, 4, torch.float32, 32) for o in outs]
     x = torch.randn(1, 3, 128)
@@ -215,10 +216,10 @@ def test_prefix_reuse_same_on_both_paths(tiny_runtime, fast):
     "fmt,dtype", [("int8", "float32"), ("int8", "bfloat16"), ("int4", "float32"), ("int4", "bfloat16")]
 )
 def test_fused_quantized_projections_match_hf_forward(tiny_zephyr, fmt, dtype):
-    from zlocal.bench import cpu_plan
-    from zlocal.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-    from zlocal.loader import load_for_runtime
-    from zlocal.runtime import load_chat_template
+    from zlocal.inference.bench import cpu_plan
+    from zlocal.inference.loader import load_for_runtime
+    from zlocal.inference.runtime import load_chat_template
+    from zlocal.kernels.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     plan = cpu_plan(str(tiny_zephyr), fmt, dtype=dtype, max_context=256)
     rt = zlocal.load(str(tiny_zephyr), plan=plan, dtype=dtype, max_context=256)

@@ -115,7 +115,7 @@ def test_no_format_name_is_compared_outside_the_formats_package():
 
 
 def test_cli_choices_come_from_the_registry():
-    from zlocal.bench import CPU_FORMATS
+    from zlocal.inference.bench import CPU_FORMATS
 
     assert list(convert_methods()) == ["nf4", "fp4", "int8", "gptq4", "gptq8"]
     assert convert_format("int8") is get_format("bnb-int8") and convert_format("gptq8") is get_format("gptq")
@@ -144,9 +144,9 @@ def test_checkpoint_format_of_incomplete_configs():
 
 
 def test_a_quantized_checkpoint_no_kernel_here_runs_is_refused_with_the_fix():
-    from zlocal.hardware import hardware_from_profile, list_profiles
-    from zlocal.memory import ModelShape
-    from zlocal.plan import make_plan
+    from zlocal.planning.hardware import hardware_from_profile, list_profiles
+    from zlocal.planning.memory import ModelShape
+    from zlocal.planning.plan import make_plan
 
     shape = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
     hw = hardware_from_profile("rtx-3060-12gb")  # no gptqmodel kernels in the profile

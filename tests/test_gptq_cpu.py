@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zlocal import cpu_kernels
-from zlocal.gptq_cpu import int4_module
+from zlocal.formats.gptq_cpu import int4_module
+from zlocal.kernels import cpu_kernels
 
 
 def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:

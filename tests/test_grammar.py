@@ -1,5 +1,5 @@
-"""Constrained decoding in the library (zlocal.grammar): compiler caches, the token mask, every sampling
-option, logprobs of the masked distribution, every forward path and multi-turn prefix reuse.
+"""Constrained decoding in the library (zlocal.inference.grammar): compiler caches, the token mask, every
+sampling option, logprobs of the masked distribution, every forward path and multi-turn prefix reuse.
 
 The tiny fixture is a random model: its JSON is garbage, but valid garbage; the schemas bound every
 string and array so that greedy decoding ends.
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import zlocal
-from zlocal.engine import Engine
-from zlocal.grammar import GrammarCompiler, SchemaError
-from zlocal.runtime import Runtime
+from zlocal.inference.engine import Engine
+from zlocal.inference.grammar import GrammarCompiler, SchemaError
+from zlocal.inference.runtime import Runtime
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -179,8 +179,8 @@ def test_lean_and_hf_forward_paths_give_the_same_constrained_answer(tiny_runtime
 
 
 def test_one_call_decode_kernel_path(tiny_zephyr):
-    from zlocal import cpu_kernels
-    from zlocal.bench import cpu_plan
+    from zlocal.inference.bench import cpu_plan
+    from zlocal.kernels import cpu_kernels
 
     if cpu_kernels.kernels() is None:
         pytest.skip(f"needs zlocal's AVX-512 BF16 kernels: {cpu_kernels.kernel_status()}")
@@ -231,7 +231,7 @@ def test_chat_returns_text_for_a_text_format(tiny_runtime):
 def test_plain_chat_never_builds_the_grammar_engine(tiny_runtime, monkeypatch):
     # a model whose tokenizer the grammar engine cannot take still chats; only structured requests fail
     from zlocal.errors import DependencyError
-    from zlocal.runtime import Runtime
+    from zlocal.inference.runtime import Runtime
 
     def broken(self):
         raise DependencyError("structured output and tools need a fast tokenizer for this model")

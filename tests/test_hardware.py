@@ -8,8 +8,8 @@ import pytest
 
 from zlocal import cli
 from zlocal.errors import PlanError
-from zlocal.hardware import HardwareReport, hardware_from_profile, list_profiles, profile_machine
-from zlocal.memory import GIB
+from zlocal.planning.hardware import HardwareReport, hardware_from_profile, list_profiles, profile_machine
+from zlocal.planning.memory import GIB
 
 # The GPUs issue 4 asks for: profile name -> (VRAM GB, compute capability)
 REQUIRED_GPUS = {

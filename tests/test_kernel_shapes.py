@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.kernel_worker import KernelWorker
-from zlocal import cpu_kernels, cpu_quant
+from zlocal.kernels import cpu_kernels, cpu_quant
 
 # prompt lengths around every dispatch threshold: int8 block-wise from 32, int4 from 24/48/96 (zlocal's
 # layout by group size) and 256 (torch's)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import zlocal
-from zlocal.convert import convert
+from zlocal.conversion.convert import convert
 
 
 def test_bnb_int8_checkpoint_uses_cpu_kernel_and_keeps_weights(tiny_zephyr, tmp_path):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from zlocal.convert import convert
+from zlocal.checkpoint.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify
+from zlocal.conversion.convert import convert
 from zlocal.errors import VerificationError
-from zlocal.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify
 
 
 @pytest.fixture(scope="module")

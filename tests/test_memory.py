@@ -8,9 +8,9 @@ import pytest
 
 import zlocal
 from tests.test_cpu_quant import auto_plan
-from zlocal.cpu_quant_handler import quantized_bytes
-from zlocal.hardware import list_profiles
-from zlocal.memory import MIB, ModelShape, estimate, kv_cache_bytes, kv_tokens, linear_bytes
+from zlocal.kernels.cpu_quant_handler import quantized_bytes
+from zlocal.planning.hardware import list_profiles
+from zlocal.planning.memory import MIB, ModelShape, estimate, kv_cache_bytes, kv_tokens, linear_bytes
 
 ZEPHYR = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
 

@@ -133,7 +133,7 @@ def test_no_logprobs_unless_asked(server):
 
 def test_default_path_computes_no_logprobs(tiny_runtime, monkeypatch):
     """Without logprobs the engine never builds the adjusted logits twice nor a log-softmax."""
-    from zlocal import engine
+    from zlocal.inference import engine
 
     calls = []
     real = engine.token_logprob

@@ -13,7 +13,7 @@ import pytest
 
 import zlocal
 from tests.server_helpers import shared_server
-from zlocal.tools import TOOL_OPEN, ToolCall
+from zlocal.inference.tools import TOOL_OPEN, ToolCall
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -302,7 +302,7 @@ def test_tool_aware_template_renders_the_tools_itself(tiny_zephyr, tmp_path):
 
 
 def test_text_replies_are_content_even_when_they_quote_a_call():
-    from zlocal.tools import parse_tool_calls
+    from zlocal.inference.tools import parse_tool_calls
 
     quoted = ' I would write <tool_call>{"name": "rm", "arguments": {}}</tool_call> here.'
     assert parse_tool_calls(quoted) == (quoted, [])  # the text branch: never constrained, never a call
@@ -329,7 +329,7 @@ def test_python_api_takes_its_own_tool_calls_back_and_names_bad_shapes(tiny_runt
 
 
 def test_a_reply_cut_by_max_tokens_stays_length_after_complete_calls():
-    from zlocal.server_responses import _final_reason
+    from zlocal.serving.server_responses import _final_reason
 
     assert _final_reason("length", called=True) == "length"  # a later call may have been lost
     assert _final_reason("stop", called=True) == "tool_calls"

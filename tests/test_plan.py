@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 
 import zlocal
 from tests.test_cpu_quant import auto_plan
-from zlocal import cli, loader
+from zlocal import cli
 from zlocal.errors import PlanError
-from zlocal.hardware import CpuInfo, HardwareReport, hardware_from_profile, list_profiles
-from zlocal.loadplan import LoadPlan, load_plan, save_plan
-from zlocal.memory import GIB, ModelShape
-from zlocal.plan import make_plan
-from zlocal.plan_stepdown import step_down
+from zlocal.inference import loader
+from zlocal.planning.hardware import CpuInfo, HardwareReport, hardware_from_profile, list_profiles
+from zlocal.planning.loadplan import LoadPlan, load_plan, save_plan
+from zlocal.planning.memory import GIB, ModelShape
+from zlocal.planning.plan import make_plan
+from zlocal.planning.plan_stepdown import step_down
 
 ZEPHYR = ModelShape.from_config(list_profiles("model")["zephyr-7b-beta"]["shape"])
 MACHINES = sorted({**list_profiles("gpu"), **list_profiles("cpu")})
@@ -285,16 +286,16 @@ def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
         return real(resolved, config, lp)
 
     monkeypatch.setattr(loader, "load_with_plan", flaky)
-    import zlocal.plan_stepdown
+    import zlocal.planning.plan_stepdown
 
     machines = []
-    real_step = zlocal.plan_stepdown.step_down
+    real_step = zlocal.planning.plan_stepdown.step_down
 
     def step(plan, shape, hw=None):
         machines.append(hw)
         return real_step(plan, shape, hw)
 
-    monkeypatch.setattr(zlocal.plan_stepdown, "step_down", step)
+    monkeypatch.setattr(zlocal.planning.plan_stepdown, "step_down", step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rt = zlocal.load(str(tiny_zephyr), dtype="float32", max_context=512)
@@ -355,7 +356,7 @@ def test_explicit_dtype_keeps_weights_unquantized_when_they_fit():
 
 
 def test_own_int4_kernel_raises_the_cpu_int4_prediction():
-    from zlocal.plan import _Budget, _Spec, predict_tok_s
+    from zlocal.planning.plan import _Budget, _Spec, predict_tok_s
 
     def predict(fmt: str, own: bool) -> float:
         spec = _Spec(ZEPHYR, _Budget(0, 16 * GIB, 0.0, 30.0, 2, own), "bf16", None, 128)
@@ -377,7 +378,7 @@ def test_own_int4_kernel_raises_the_cpu_int4_prediction():
 def test_decode_kernel_cuts_the_per_layer_overhead():
     # SmolLM2-135M on a 2-core AVX-512 VM: 10.0 ms per int4 token on the lean forward (mostly Python
     # and small ops), 3.7 ms on the one-call decode kernel; a 7B is bound by its weight reads instead
-    from zlocal.plan import _Budget, _Spec, predict_tok_s
+    from zlocal.planning.plan import _Budget, _Spec, predict_tok_s
 
     small = ModelShape.from_config(
         dict(

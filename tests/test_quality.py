@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zlocal.conversion.quality import KINDS, evaluate
 from zlocal.errors import InvalidArgumentError
-from zlocal.quality import KINDS, evaluate
 
 
 def test_identical_models_agree_exactly(tiny_zephyr):

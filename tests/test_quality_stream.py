@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from zlocal import quality, quality_stream
-from zlocal.convert import convert
+from zlocal.conversion import quality, quality_stream
+from zlocal.conversion.convert import convert
+from zlocal.conversion.quality import evaluate
 from zlocal.errors import InvalidArgumentError
-from zlocal.quality import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_convert_records_a_skipped_report(tiny_zephyr, tmp_path, monkeypatch, ca
 
 def test_gptq_weight_act_order():
     """Rows naming their group through g_idx (act-order) use that group's zero and scale."""
-    from zlocal.gptq_cpu import unpack
+    from zlocal.formats.gptq_cpu import unpack
 
     k, n, group = 64, 8, 32
     codes = torch.randint(0, 16, (k, n), dtype=torch.int32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from zlocal.quality import KINDS, builtin_text, eval_texts
+from zlocal.conversion.quality import KINDS, builtin_text, eval_texts
 
 
 def _shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:

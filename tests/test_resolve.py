@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from zlocal.checkpoint.resolve import resolve_model
 from zlocal.errors import CheckpointError, ModelNotFoundError
-from zlocal.resolve import resolve_model
 
 
 def _fake_hf_cache(root, repo_id, src):

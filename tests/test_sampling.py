@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zlocal.errors import InvalidArgumentError
-from zlocal.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
+from zlocal.inference.sampling import SamplingParams, apply_repetition_penalty, make_generator, sample
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,8 @@ def test_tiny_temperature_is_greedy_not_nan():
 
 
 class _OnlyTokens:
-    """A stand-in grammar constraint allowing a fixed set of token ids (zlocal.grammar's interface)."""
+    """A stand-in grammar constraint allowing a fixed set of token ids (the interface of
+    zlocal.inference.grammar)."""
 
     def __init__(self, allowed, vocab):
         self.forbid = torch.ones(vocab, dtype=torch.bool)
@@ -113,7 +114,7 @@ class _OnlyTokens:
 def test_grammar_mask_comes_before_penalty_temperature_and_filters(kw):
     """The raw favourites (0, 1) are forbidden: filters that ran before the mask would keep only
     them and leave nothing to draw; after it, the best allowed token (7) wins the cut."""
-    from zlocal.engine import _pick
+    from zlocal.inference.engine import _pick
 
     logits = torch.full((16,), -5.0)
     logits[0], logits[1], logits[7], logits[9] = 10.0, 9.0, 3.0, 1.0

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.server_helpers import shared_server
-from zlocal.server import create_app
-from zlocal.server_budget import release_memory
+from zlocal.serving.server import create_app
+from zlocal.serving.server_budget import release_memory
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 

@@ -6,7 +6,7 @@ import json
 
 from fastapi.testclient import TestClient
 
-from zlocal.server import create_app
+from zlocal.serving.server import create_app
 
 
 class FailingRuntime:

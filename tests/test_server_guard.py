@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.server_helpers import shared_server
-from zlocal.server import create_app
-from zlocal.server_guard import OriginPolicy, json_content_type, split_origin
+from zlocal.serving.server import create_app
+from zlocal.serving.server_guard import OriginPolicy, json_content_type, split_origin
 
 TOK = json.dumps({"prompt": "hello"}).encode()
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()

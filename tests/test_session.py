@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zlocal.engine import DEFAULT_PREFILL_CHUNK
 from zlocal.errors import ContextOverflowError, InvalidArgumentError
+from zlocal.inference.engine import DEFAULT_PREFILL_CHUNK
 
 
 def test_second_turn_prefills_only_new_tokens(smollm2_runtime):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from zlocal.errors import InvalidArgumentError, TemplateError
-from zlocal.runtime import load_chat_template
-from zlocal.template import build_template, validate_messages, zephyr_template
+from zlocal.inference.runtime import load_chat_template
+from zlocal.inference.template import build_template, validate_messages, zephyr_template
 
 PIRATE = [
     {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"},

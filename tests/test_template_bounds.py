@@ -10,8 +10,8 @@ import time
 import pytest
 
 from zlocal.errors import TemplateError
-from zlocal.template import build_template, render_chat_template, zephyr_template
-from zlocal.template_sandbox import TemplateLimitError
+from zlocal.inference.template import build_template, render_chat_template, zephyr_template
+from zlocal.inference.template_sandbox import TemplateLimitError
 
 # Hand-written in the style of the published templates: what matters is the Jinja they exercise.
 LLAMA3 = (
@@ -200,7 +200,7 @@ def test_hostile_system_branch_is_not_mistaken_for_no_system_role(mistral_tokeni
 
 
 def test_library_load_refuses_a_hostile_template(tiny_zephyr, tmp_path, hang_guard):
-    from zlocal.runtime import load_chat_template
+    from zlocal.inference.runtime import load_chat_template
 
     f = tmp_path / "hostile.jinja"
     f.write_text(HOSTILE["nested_range"] + _ECHO)

@@ -1,5 +1,5 @@
-"""Scale tuning after GPTQ (zlocal.tune_scales) on the tiny fixture: the layer-streamed reference equals
-the source model, the student equals the GPTQ checkpoint, and what is written is what was measured."""
+"""Scale tuning after GPTQ (zlocal.conversion.tune_scales) on the tiny fixture: the layer-streamed reference
+equals the source model, the student equals the GPTQ checkpoint, and what is written is what was measured."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from zlocal.convert import convert
+from zlocal.checkpoint.manifest import verify
+from zlocal.conversion.convert import convert
 from zlocal.errors import InvalidArgumentError
-from zlocal.manifest import verify
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _windows(tok, n=4, seq=64):
-    from zlocal.quality import builtin_text
-    from zlocal.quantize_gptq import calibration_samples
+    from zlocal.conversion.quality import builtin_text
+    from zlocal.conversion.quantize_gptq import calibration_samples
 
     return [d["input_ids"] for d in calibration_samples(tok, builtin_text("calibration.txt"), n, seq)]
 
@@ -59,7 +59,7 @@ def _tensors(path):
 def test_reference_is_the_source_model(tiny_zephyr, tiny_gptq4, mistral_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from zlocal.tune_scales import build_student, source_logprobs
+    from zlocal.conversion.tune_scales import build_student, source_logprobs
 
     ids = torch.tensor(_windows(mistral_tokenizer, 2))
     model, tuned, bits, group = build_student(tiny_gptq4)
@@ -78,7 +78,7 @@ def test_reference_is_the_source_model(tiny_zephyr, tiny_gptq4, mistral_tokenize
 def test_student_is_the_gptq_checkpoint(tiny_gptq4):
     from transformers import AutoModelForCausalLM
 
-    from zlocal.tune_scales import build_student
+    from zlocal.conversion.tune_scales import build_student
 
     ids = torch.tensor([[1, 22557, 1526, 28725, 910, 460, 368, 28804]])
     model, _, _, _ = build_student(tiny_gptq4)
@@ -91,7 +91,7 @@ def test_student_is_the_gptq_checkpoint(tiny_gptq4):
 
 
 def test_tuning_writes_the_scales_it_measured(tiny_zephyr, tiny_gptq4, mistral_tokenizer, tmp_path):
-    from zlocal.tune_scales import _heldout_kl, build_student, source_logprobs, tune_scales
+    from zlocal.conversion.tune_scales import _heldout_kl, build_student, source_logprobs, tune_scales
 
     out = tmp_path / "tuned"
     shutil.copytree(tiny_gptq4, out)
@@ -121,7 +121,7 @@ def test_tuning_writes_the_scales_it_measured(tiny_zephyr, tiny_gptq4, mistral_t
 def test_no_better_epoch_leaves_the_checkpoint_untouched(
     tiny_zephyr, tiny_gptq4, mistral_tokenizer, tmp_path
 ):
-    from zlocal.tune_scales import tune_scales
+    from zlocal.conversion.tune_scales import tune_scales
 
     out = tmp_path / "same"
     shutil.copytree(tiny_gptq4, out)
@@ -162,7 +162,7 @@ def test_convert_records_the_tuning(tiny_zephyr, tmp_path):
 
 
 def test_tuning_default_follows_bits_and_size():
-    from zlocal.quantize_gptq import TUNE_EPOCHS, linear_params, plan_gptq
+    from zlocal.conversion.quantize_gptq import TUNE_EPOCHS, linear_params, plan_gptq
 
     mistral_7b = {
         "hidden_size": 4096,

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import GenerationResponse
-from .errors import (
+from zlocal.errors import (
     BusyError,
     CheckpointError,
     ContextOverflowError,
@@ -21,8 +20,9 @@ from .errors import (
     TemplateError,
     ZlocalError,
 )
-from .runtime import ChatSession, Completion, Runtime, load
-from .sampling import SamplingParams
+from zlocal.inference.engine import GenerationResponse
+from zlocal.inference.runtime import ChatSession, Completion, Runtime, load
+from zlocal.inference.sampling import SamplingParams
 
 __all__ = [
     "BusyError",

@@ -11,15 +11,15 @@ import logging
 import pkgutil
 import sys
 
-from . import __version__
-from .errors import ZlocalError
+from zlocal import __version__
+from zlocal.errors import ZlocalError
 
 # Order shown in --help: the pipeline first.
 _ORDER = ["profile", "plan", "convert", "verify", "eval", "prompt", "generate", "chat", "bench", "serve"]
 
 
 def _command_modules() -> list[str]:
-    from . import commands
+    from zlocal import commands
 
     found = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
     return [n for n in _ORDER if n in found] + sorted(found - set(_ORDER))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..resolve import DEFAULT_MODEL
+from zlocal.checkpoint.resolve import DEFAULT_MODEL
 
 
 def add_model_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
@@ -53,7 +53,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def load_runtime(args: argparse.Namespace):
     """zlocal.load with the CLI's loading flags."""
-    from ..runtime import load
+    from zlocal.inference.runtime import load
 
     return load(
         args.model,
@@ -69,7 +69,7 @@ def load_runtime(args: argparse.Namespace):
 
 def check_sampling(args: argparse.Namespace) -> None:
     """Validate sampling flags before the (slow) model load, so typos fail fast."""
-    from ..runtime import sampling_params
+    from zlocal.inference.runtime import sampling_params
 
     sampling_params(None, **sampling_kwargs(args))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import add_model_args
+from zlocal.commands._common import add_model_args
 
 
 def register(sub) -> None:
@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def _check(args) -> None:
-    from ..errors import InvalidArgumentError
+    from zlocal.errors import InvalidArgumentError
 
     for name in ("prompt_tokens", "repeats", "turns", "conversation_tokens"):
         if getattr(args, name) < 1:
@@ -45,8 +45,8 @@ def _check(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..bench import CPU_FORMATS, cpu_plan, model_context, run_bench
-    from ._common import load_runtime
+    from zlocal.commands._common import load_runtime
+    from zlocal.inference.bench import CPU_FORMATS, cpu_plan, model_context, run_bench
 
     _check(args)
     if args.threads:

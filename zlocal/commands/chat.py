@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (
+from zlocal.commands._common import (
     add_model_args,
     add_sampling_args,
     check_sampling,

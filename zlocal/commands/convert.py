@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 
-from ..formats import convert_methods
+from zlocal.formats import convert_methods
 
 
 def add_convert_args(p) -> None:
@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert
+    from zlocal.conversion.convert import convert
 
     # Libraries (gptqmodel) print banners on stdout; with --json stdout must hold only the result.
     with contextlib.redirect_stdout(sys.stderr):

@@ -34,7 +34,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..quality import evaluate
+    from zlocal.conversion.quality import evaluate
 
     report = evaluate(
         args.model,

@@ -44,10 +44,10 @@ def register(subparsers) -> None:
 
 def model_shape(model: str):
     """(ModelShape, display name, source quantization) from a model profile or the checkpoint config."""
-    from ..hardware import list_profiles
-    from ..loader import load_config, source_quantization
-    from ..memory import ModelShape
-    from ..resolve import resolve_model
+    from zlocal.checkpoint.resolve import resolve_model
+    from zlocal.inference.loader import load_config, source_quantization
+    from zlocal.planning.hardware import list_profiles
+    from zlocal.planning.memory import ModelShape
 
     for name, prof in list_profiles("model").items():
         if model.lower() in (name, str(prof.get("repo", "")).lower()):
@@ -58,11 +58,11 @@ def model_shape(model: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InvalidArgumentError, PlanError
-    from ..hardware import HardwareReport, hardware_from_profile, profile_machine
-    from ..loadplan import save_plan
-    from ..memory import GIB
-    from ..plan import make_plan
+    from zlocal.errors import InvalidArgumentError, PlanError
+    from zlocal.planning.hardware import HardwareReport, hardware_from_profile, profile_machine
+    from zlocal.planning.loadplan import save_plan
+    from zlocal.planning.memory import GIB
+    from zlocal.planning.plan import make_plan
 
     if args.max_vram is not None and args.max_vram <= 0:
         raise InvalidArgumentError(f"--max-vram must be > 0 GB, got {args.max_vram}")

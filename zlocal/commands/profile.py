@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hardware import describe, hardware_from_profile, list_profiles, profile_machine
+    from zlocal.planning.hardware import describe, hardware_from_profile, list_profiles, profile_machine
 
     if args.list:
         for name, prof in list_profiles().items():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from ..runtime import load_chat_template
-from ..template import load_messages_file
-from ._common import add_model_args
+from zlocal.commands._common import add_model_args
+from zlocal.inference.runtime import load_chat_template
+from zlocal.inference.template import load_messages_file
 
 
 def register(sub) -> None:

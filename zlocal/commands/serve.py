@@ -9,10 +9,10 @@ import socket
 import sys
 from pathlib import Path
 
-from ..errors import DependencyError, InvalidArgumentError
-from ._common import add_model_args
+from zlocal.commands._common import add_model_args
+from zlocal.errors import DependencyError, InvalidArgumentError
 
-log = logging.getLogger("zlocal.server")
+log = logging.getLogger("zlocal.serving.server")
 
 
 def register(sub) -> None:
@@ -86,7 +86,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _setup_logging(level: str) -> None:
-    from ..server import SafeFormatter
+    from zlocal.serving.server import SafeFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -102,10 +102,10 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app, is_loopback
+        from zlocal.serving.server import create_app, is_loopback
     except ImportError as exc:
         raise DependencyError("zlocal serve needs FastAPI and uvicorn: pip install 'zlocal[serve]'") from exc
-    from ._common import load_runtime
+    from zlocal.commands._common import load_runtime
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
@@ -115,7 +115,7 @@ def run(args) -> int:
         raise InvalidArgumentError(f"--default-max-tokens must be > 0, got {args.default_max_tokens}")
     if any(o.strip() in ("*", "null", "") for o in args.cors_origin):
         raise InvalidArgumentError("--cors-origin takes exact origins such as http://localhost:3000, not '*'")
-    from ..server_guard import split_origin
+    from zlocal.serving.server_guard import split_origin
 
     bad = next((o for o in args.cors_origin if split_origin(o) is None), None)
     if bad is not None:

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..manifest import verify
+    from zlocal.checkpoint.manifest import verify
 
     report = verify(args.out)
     print(json.dumps(report.to_dict()) if args.json else report.summary())

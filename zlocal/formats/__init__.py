@@ -6,9 +6,9 @@ whether this machine can run it, and the next smaller format to step down to. ``
 returns the object; no caller compares format names.
 """
 
-from .base import WeightFormat
-from .gptq import GPTQ
-from .registry import (
+from zlocal.formats.base import WeightFormat
+from zlocal.formats.gptq import GPTQ
+from zlocal.formats.registry import (
     FORMATS,
     HEAD_FORMAT,
     checkpoint_format,

@@ -73,7 +73,8 @@ class WeightFormat:
         return None
 
     def conversion(self, method: str, bits: int):
-        """What ``zlocal convert --method METHOD`` runs to write this format (zlocal.convert_methods)."""
+        """What ``zlocal convert --method METHOD`` runs to write this format
+        (zlocal.conversion.convert_methods)."""
         raise NotImplementedError(f"{self.name} is not written by zlocal convert")
 
     def use_cpu_kernels(self, model, path, dtype) -> str | None:

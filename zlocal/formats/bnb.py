@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import CPU_SHARE_MAX, WeightFormat
+from zlocal.formats.base import CPU_SHARE_MAX, WeightFormat
 
 
 def _bnb():
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        from ..errors import DependencyError
+        from zlocal.errors import DependencyError
 
         raise DependencyError(
             "this plan quantizes GPU layers with bitsandbytes; pip install bitsandbytes"
@@ -82,7 +82,7 @@ class BnbInt8(WeightFormat):
         return device == "cuda" and bool(kernels.get("bitsandbytes_cuda"))
 
     def conversion(self, method: str, bits: int):
-        from ..convert_methods import BnbConversion
+        from zlocal.conversion.convert_methods import BnbConversion
 
         return BnbConversion(method, bits)
 
@@ -173,12 +173,12 @@ class Bnb4bit(WeightFormat):
         return own_kernels
 
     def conversion(self, method: str, bits: int):
-        from ..convert_methods import BnbConversion
+        from zlocal.conversion.convert_methods import BnbConversion
 
         return BnbConversion(method, bits)
 
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
-        from .bnb4_cpu import swap_bnb4_for_cpu
+        from zlocal.formats.bnb4_cpu import swap_bnb4_for_cpu
 
         swapped, why_not = swap_bnb4_for_cpu(model, dtype)
         what = f"bitsandbytes {self.name} layers"
@@ -196,8 +196,8 @@ def swap_bnb_int8_for_cpu(model, dtype) -> int:
     """
     import torch
 
-    from ..cpu_quant import Int8WeightOnlyLinear
-    from ..loader_stream import replace_module
+    from zlocal.inference.loader_stream import replace_module
+    from zlocal.kernels.cpu_quant import Int8WeightOnlyLinear
 
     count = 0
     for name, module in list(model.named_modules()):

@@ -44,7 +44,7 @@ def unpack_codes(packed: torch.Tensor, out_features: int, in_features: int) -> t
 
 def kernel_supports(quant_state, out_features: int, in_features: int) -> str | None:
     """Why the kernel cannot take this layer (None: it can)."""
-    from .. import cpu_kernels
+    from zlocal.kernels import cpu_kernels
 
     block = int(quant_state.blocksize)
     if getattr(quant_state, "packing_format_for_cpu", False):
@@ -59,8 +59,8 @@ def kernel_supports(quant_state, out_features: int, in_features: int) -> str | N
 
 def int4_module(module, dtype: torch.dtype):
     """zlocal's int4 module computing what the loaded bitsandbytes ``Linear4bit`` ``module`` does."""
-    from .. import cpu_kernels
-    from ..cpu_quant import Int4WeightOnlyLinear
+    from zlocal.kernels import cpu_kernels
+    from zlocal.kernels.cpu_quant import Int4WeightOnlyLinear
 
     state = module.weight.quant_state
     n, k = module.out_features, module.in_features
@@ -91,8 +91,8 @@ def _matches_bitsandbytes(new, module, dtype: torch.dtype) -> bool:
 def swap_bnb4_for_cpu(model, dtype: torch.dtype) -> tuple[int, str | None]:
     """Replace the loaded bitsandbytes 4-bit layers of ``model`` by zlocal int4 modules with the
     format's code table; returns (layers swapped, why the others were not, or None)."""
-    from .. import cpu_kernels
-    from ..loader_stream import replace_module
+    from zlocal.inference.loader_stream import replace_module
+    from zlocal.kernels import cpu_kernels
 
     layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
     if not layers:

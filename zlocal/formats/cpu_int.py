@@ -1,23 +1,23 @@
 """zlocal's CPU formats: int8 per output channel and int4 in groups, quantized on load.
 
 They run on zlocal's AVX-512 kernels where those pass their self-check, else on PyTorch's
-weight-only kernels (see zlocal.cpu_quant for the per-shape support predicates).
+weight-only kernels (see zlocal.kernels.cpu_quant for the per-shape support predicates).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import WeightFormat
+from zlocal.formats.base import WeightFormat
 
 
 class _CpuKernelFormat(WeightFormat):
-    """Shared by int8 and int4: quantized on load into zlocal.cpu_quant's modules."""
+    """Shared by int8 and int4: quantized on load into zlocal.kernels.cpu_quant's modules."""
 
     def build_linear(self, module, weight, *, dtype, device: str, group_size: int):
         import torch
 
-        from ..cpu_quant import can_quantize, quantize_linear
+        from zlocal.kernels.cpu_quant import can_quantize, quantize_linear
 
         if device != "cpu" or not can_quantize(tuple(weight.shape), self.bits, group_size):
             return None
@@ -47,7 +47,7 @@ class CpuInt4(_CpuKernelFormat):
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         # as the quantizer does: shapes no int4 layout takes stay in the compute dtype
-        from ..cpu_quant import can_quantize, int4_group_size
+        from zlocal.kernels.cpu_quant import can_quantize, int4_group_size
 
         if not can_quantize((out_f, in_f), 4, group_size):
             return out_f * in_f * compute_bytes

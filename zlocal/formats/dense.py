@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import WeightFormat
+from zlocal.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import WeightFormat
+from zlocal.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,12 @@ class Gptq(WeightFormat):
         return "GPTQ checkpoints need gptqmodel's kernels, missing here: pip install 'zlocal[gptq]'"
 
     def conversion(self, method: str, bits: int):
-        from ..convert_methods import GptqConversion
+        from zlocal.conversion.convert_methods import GptqConversion
 
         return GptqConversion(method, bits)
 
     def use_cpu_kernels(self, model, path, dtype) -> str | None:
-        from ..gptq_cpu import swap_gptq_for_cpu
+        from zlocal.formats.gptq_cpu import swap_gptq_for_cpu
 
         swapped, why_not = swap_gptq_for_cpu(model, path, dtype)
         lines = [f"GPTQ layers ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..errors import InvalidArgumentError, PlanError
-from .base import WeightFormat
-from .bnb import BNB_INT8, FP4, NF4
-from .cpu_int import INT4, INT8
-from .dense import BF16, FP16, FP32
-from .gptq import GPTQ
+from zlocal.errors import InvalidArgumentError, PlanError
+from zlocal.formats.base import WeightFormat
+from zlocal.formats.bnb import BNB_INT8, FP4, NF4
+from zlocal.formats.cpu_int import INT4, INT8
+from zlocal.formats.dense import BF16, FP16, FP32
+from zlocal.formats.gptq import GPTQ
 
 # Order matters: the planner tries formats in this order (full precision first).
 FORMATS: dict[str, WeightFormat] = {

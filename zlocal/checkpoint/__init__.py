@@ -1,0 +1,1 @@
+"""Checkpoint files: safetensors reading and writing, manifests, model resolution and checks."""

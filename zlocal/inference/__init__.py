@@ -1,0 +1,1 @@
+"""Loading a model as its plan says, and generating from it (engine, lean forward, sampling)."""

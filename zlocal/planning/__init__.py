@@ -1,0 +1,1 @@
+"""Hardware reports, memory estimates and load plans."""
