@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from zlocal.checkpoint.checkpoint_io import ST_DTYPES, TensorEntry, read_header
+from zlocal.checkpoint.checkpoint_io import ST_DTYPES, TensorEntry, read_header, write_safetensors
 from zlocal.checkpoint.manifest import Manifest, library_versions, read_manifest, sha256_file, write_manifest
 from zlocal.conversion.convert_methods import ConversionOptions
 from zlocal.conversion.convert_output import TMP_MARK, check_disk, check_output, clean_stale_temp, install
@@ -178,15 +178,13 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_to_safetensors(shards: list[Path], tmp: Path) -> list[tuple[Path, dict[str, TensorEntry]]]:
     """Re-save opted-in pickle shards as safetensors in the temp dir so streaming code is shared."""
-    from safetensors.torch import save_file
-
     out = []
     stage = tmp / ".stage"
     stage.mkdir(exist_ok=True)
     for i, shard in enumerate(shards):
         sd = {k: v.contiguous() for k, v in _load_pickle(shard).items()}
         p = stage / f"src-{i:05d}.safetensors"
-        save_file(sd, str(p))
+        write_safetensors(p, sd, {"format": "pt"})
         del sd
         out.append((p, read_header(p)[0]))
     return out
