@@ -141,6 +141,17 @@ def test_tokenize_counts_what_the_completion_bills(server):
         assert post(server, "/tokenize", bad).status_code == 400
     r = post(server, "/detokenize", {"tokens": [5, 10**9]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens[1]"
+    # a conversation with tool turns counts what the chat request with it bills
+    call = {"id": "abc123def", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [*msgs, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    turns.append({"role": "tool", "tool_call_id": "abc123def", "content": "42"})
+    tok = post(server, "/tokenize", {"messages": turns})
+    assert tok.status_code == 200, tok.text
+    done = post(server, "/v1/chat/completions", {"messages": turns, "max_tokens": 1}).json()
+    assert tok.json()["count"] == done["usage"]["prompt_tokens"]
+    orphan = [*msgs, {"role": "tool", "tool_call_id": "nope", "content": "1"}]
+    r = post(server, "/tokenize", {"messages": orphan})
+    assert r.status_code == 400 and "tool_call_id" in r.json()["error"]["message"]
 
 
 # -- validation: 400 with an OpenAI error object, never a 500 ------------------------------------------

@@ -97,7 +97,8 @@ def tokenize_json(
         raise err
     try:
         if req.messages is not None:
-            ids = runtime.encode_chat(plain_messages(req.messages))
+            # the prompt a chat request with these messages would run (tool turns rendered as chat does)
+            ids = runtime.plan_chat(plain_messages(req.messages)).prompt_ids
         else:
             ids = runtime.encode(req.prompt, req.add_special_tokens)
     except ZlocalError as exc:
