@@ -177,3 +177,13 @@ def test_hostile_chat_template_is_one_line_and_fast(tmp_path, tiny_zephyr):
         )
         assert time.monotonic() - t0 < 60
         _one_line_error(r, "chat template (file) stopped")
+
+
+def test_import_and_the_parser_do_not_load_torch():
+    # `zlocal --help`, argument errors and `import zlocal` stay fast: torch loads on first real use
+    code = (
+        "import sys, zlocal, zlocal.cli; zlocal.cli.build_parser(); print('torch' in sys.modules); "
+        "zlocal.SamplingParams; print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.split() == ["False", "True"], r.stderr

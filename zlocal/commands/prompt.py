@@ -6,8 +6,6 @@ import json
 import sys
 
 from zlocal.commands._common import add_model_args
-from zlocal.inference.runtime import load_chat_template
-from zlocal.inference.template import load_messages_file
 
 
 def register(sub) -> None:
@@ -19,6 +17,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from zlocal.inference.runtime import load_chat_template
+    from zlocal.inference.template import load_messages_file
+
     messages = load_messages_file(args.messages)
     _, _, _tokenizer, template = load_chat_template(
         args.model, chat_template=args.chat_template, allow_pickle=args.allow_pickle, download=args.download
