@@ -29,19 +29,20 @@ from zlocal.checkpoint.embedded import gguf_path
 from zlocal.checkpoint.resolve import resolve_model
 from zlocal.conversion.convert import convert
 from zlocal.conversion.quality import eval_texts
-from zlocal.inference.bench import loadavg, machine_info, measure_once, synthetic_prompt
+from zlocal.inference.bench import loadavg, machine_info
 from zlocal.paths import cache_dir
 
 WINDOW = 512
 
 
-def _llama_side():
-    """bench_vs_llamacpp.LlamaCppSide (one llama.cpp driver for every bench script)."""
+def _llama_bench():
+    """scripts/bench_vs_llamacpp.py as a module (one llama.cpp driver and timing loop for every
+    bench script)."""
     path = Path(__file__).with_name("bench_vs_llamacpp.py")
     spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.LlamaCppSide
+    return module
 
 
 def nf4_checkpoint() -> Path:
@@ -149,17 +150,8 @@ def _comparison(p: dict[str, float]) -> dict:
 def speed(rt, gguf: Path, args) -> dict:
     """Interleaved prefill + greedy decode runs of zlocal and llama.cpp on the same prompt ids."""
     n_ctx = args.prompt_tokens + args.new_tokens + 8
-    ll = _llama_side()(gguf, args.threads, n_ctx)
-    ids = synthetic_prompt(rt, args.prompt_tokens)
-    measure_once(rt, ids[:16], 4)  # warm-up both
-    ll.run(ids[:16], 4)
-    z, c, loads = [], [], []
-    for _ in range(args.repeats):
-        loads.append(loadavg()[0])
-        z.append(measure_once(rt, ids, args.new_tokens))
-        time.sleep(0.2)
-        c.append(ll.run(ids, args.new_tokens))
-        time.sleep(0.2)
+    bench = _llama_bench()
+    z, c, loads = bench.interleaved_runs(rt, bench.LlamaCppSide(gguf, args.threads, n_ctx), args)
 
     def med(rows, key):
         return round(statistics.median(r[key] for r in rows), 2)

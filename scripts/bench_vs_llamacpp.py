@@ -257,6 +257,22 @@ class LlamaCppSide:
         }
 
 
+def interleaved_runs(rt, ll: LlamaCppSide, args) -> tuple[list[dict], list[dict], list[float]]:
+    """(zlocal runs, llama.cpp runs, 1-minute load averages): both warmed up, then ``args.repeats``
+    alternating prefill + greedy-decode runs on the same ``args.prompt_tokens`` prompt ids."""
+    ids = synthetic_prompt(rt, args.prompt_tokens)
+    measure_once(rt, ids[:16], 4)  # warm-up both
+    ll.run(ids[:16], 4)
+    z, c, loads = [], [], []
+    for _ in range(args.repeats):
+        loads.append(loadavg()[0])
+        z.append(measure_once(rt, ids, args.new_tokens))
+        time.sleep(0.2)  # let the other side's worker threads go idle
+        c.append(ll.run(ids, args.new_tokens))
+        time.sleep(0.2)
+    return z, c, loads
+
+
 def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> dict:
     """Interleaved runs of zlocal (``fmt``) and llama.cpp (``gguf``) on the same prompt ids."""
     n_ctx = args.prompt_tokens + args.new_tokens + 8
@@ -271,16 +287,7 @@ def bench_pair(model_dir: Path, gguf: Path, fmt: str, args, bw_gbs: float) -> di
     rt = zlocal.load(str(model_dir), plan=plan, dtype="bfloat16", max_context=n_ctx)
     z_load = time.perf_counter() - t0
     ll = LlamaCppSide(gguf, args.threads, n_ctx, args.llama_extra_buffers)
-    ids = synthetic_prompt(rt, args.prompt_tokens)
-    measure_once(rt, ids[:16], 4)  # warm-up both
-    ll.run(ids[:16], 4)
-    z, c, loads = [], [], []
-    for _ in range(args.repeats):
-        loads.append(loadavg()[0])
-        z.append(measure_once(rt, ids, args.new_tokens))
-        time.sleep(0.2)  # let the other side's worker threads go idle
-        c.append(ll.run(ids, args.new_tokens))
-        time.sleep(0.2)
+    z, c, loads = interleaved_runs(rt, ll, args)
 
     def med(rows, key):
         return round(statistics.median(r[key] for r in rows), 3)

@@ -10,6 +10,14 @@ CPU_SHARE_PER_CORE = 0.5
 CPU_SHARE_MAX = 0.9
 
 
+def kernel_move_note(what: str, swapped: int, why_not: str | None, theirs: str) -> str | None:
+    """The plan line after moving a checkpoint's layers onto zlocal's CPU int4 kernel: how many
+    moved, and why the others stayed on ``theirs`` (None when nothing is to say)."""
+    lines = [f"{what} ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []
+    lines += [f"{what} left on {theirs}: {why_not}"] if why_not else []
+    return "; ".join(lines) or None
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """One way of storing a Linear layer's weight, and what the planner needs to know about it.

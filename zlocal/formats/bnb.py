@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from zlocal.formats.base import CPU_SHARE_MAX, WeightFormat
+from zlocal.formats.base import CPU_SHARE_MAX, WeightFormat, kernel_move_note
 
 
 def _bnb():
@@ -181,10 +181,7 @@ class Bnb4bit(WeightFormat):
         from zlocal.formats.bnb4_cpu import swap_bnb4_for_cpu
 
         swapped, why_not = swap_bnb4_for_cpu(model, dtype)
-        what = f"bitsandbytes {self.name} layers"
-        lines = [f"{what} ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []
-        lines += [f"{what} left on bitsandbytes' kernel: {why_not}"] if why_not else []
-        return "; ".join(lines) or None
+        return kernel_move_note(f"bitsandbytes {self.name} layers", swapped, why_not, "bitsandbytes' kernel")
 
 
 def swap_bnb_int8_for_cpu(model, dtype) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from zlocal.formats.base import WeightFormat
+from zlocal.formats.base import WeightFormat, kernel_move_note
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,7 @@ class Gptq(WeightFormat):
         from zlocal.formats.gptq_cpu import swap_gptq_for_cpu
 
         swapped, why_not = swap_gptq_for_cpu(model, path, dtype)
-        lines = [f"GPTQ layers ({swapped}) run on zlocal's CPU int4 kernel"] if swapped else []
-        lines += [f"GPTQ layers left on gptqmodel's kernel: {why_not}"] if why_not else []
-        return "; ".join(lines) or None
+        return kernel_move_note("GPTQ layers", swapped, why_not, "gptqmodel's kernel")
 
     def bits_of(self, source_bits: int | None) -> int:
         return self.bits if source_bits is None else source_bits
