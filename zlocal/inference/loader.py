@@ -236,8 +236,14 @@ def load_for_runtime(
     max_context: int | None = None,
     hardware=None,
     prepare: bool = True,
+    progress=None,
+    cache: bool | None = None,
 ) -> LoadedModel:
     """Load the model the way the runtime will use it; returns the model and the context to allocate.
+
+    ``progress``: a callback receiving ``zlocal.progress.Progress`` events. ``cache``: read and write
+    the prepared (ready-to-map) form of a CPU plan in zlocal's cache (None: on unless
+    ``ZLOCAL_PREPARED_CACHE=0``).
 
     ``prepare=False`` leaves the HF modules as loaded, without the lean forward's fusion (reference
     models in tests and checks).
