@@ -297,6 +297,14 @@ class TensorStore:
         """The named tensor, or None when the checkpoint has none by that name."""
         return self[name] if name in self._where else None
 
+    def entry_bytes(self, name: str) -> int:
+        """The stored size of tensor NAME in bytes."""
+        return self._where[name].entries[name].nbytes
+
+    def nbytes(self) -> int:
+        """The stored size of every tensor in bytes."""
+        return sum(s.entries[k].nbytes for s in self._shards for k in s.entries)
+
     def shard_name(self, name: str) -> str:
         """The file name of the shard holding tensor NAME (for messages)."""
         return self._where[name].path.name

@@ -38,7 +38,10 @@ class PreparedEntry:
 
 
 def prepared_dir() -> Path:
-    """The folder holding every prepared entry (``$ZLOCAL_HOME``/``$XDG_CACHE_HOME`` respected)."""
+    """The folder holding every prepared entry: ``$ZLOCAL_PREPARED_DIR``, else ``prepared/`` in zlocal's
+    cache (``$ZLOCAL_HOME``/``$XDG_CACHE_HOME`` respected)."""
+    if os.environ.get("ZLOCAL_PREPARED_DIR"):
+        return Path(os.environ["ZLOCAL_PREPARED_DIR"]).expanduser()
     return cache_dir() / "prepared"
 
 

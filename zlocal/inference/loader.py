@@ -25,8 +25,10 @@ from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError, InvalidArgumentError, PlanError
 from zlocal.formats import checkpoint_format, get_format
 from zlocal.inference.fastpath import unsupported_reason
+from zlocal.inference.loader_prepared import cache_enabled, load_cached, prepared_key, save_cached
 from zlocal.inference.loader_stream import first_line, is_oom, stream_load
 from zlocal.inference.prepare import prepare_decoder
+from zlocal.progress import report
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
 
@@ -266,14 +268,23 @@ def load_for_runtime(
     lp = plan_for(
         resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context, hardware=hardware
     )
+    use_cache = prepare and cache_enabled(cache)
+    if use_cache and (cached := _from_cache(resolved, config, lp, progress)) is not None:
+        return cached
     shape = ModelShape.from_config(config)
     for _ in range(_MAX_OOM_RETRIES):
         loaded = None
         try:
-            loaded = load_with_plan(resolved, config, lp)
+            loaded = load_with_plan(resolved, config, lp, progress)
             if prepare:
+                report(progress, "prepare", 0, 1, "steps")
                 _prepare(loaded)  # before the warm-up: packing allocates too
+            report(progress, "warm-up", 0, 1, "steps")
             _warm_up(loaded.model)
+            if use_cache and (key := prepared_key(resolved, lp)) is not None:
+                note = save_cached(loaded.model, resolved, lp, key, progress)
+                lp.reasons += [note] if note else []
+            report(progress, "ready", 1, 1, "steps")
             return loaded
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_oom(exc):
@@ -295,6 +306,22 @@ def load_for_runtime(
     raise PlanError(f"{resolved.name}: still out of memory after {_MAX_OOM_RETRIES} smaller plans")
 
 
+def _from_cache(resolved, config, lp, progress) -> LoadedModel | None:
+    """The model mapped from its prepared form in the cache, warmed up; None on a miss."""
+    key = prepared_key(resolved, lp)
+    hit = load_cached(resolved, config, lp, key, progress) if key is not None else None
+    if hit is None:
+        return None
+    model, note = hit
+    lp.reasons += [note]
+    loaded = LoadedModel(model=model, device="cpu", dtype=_PLAN_DTYPES[lp.compute_dtype], device_map={"": "cpu"},
+                         max_context=lp.max_context, plan=lp)
+    report(progress, "warm-up", 0, 1, "steps")
+    _warm_up(model)
+    report(progress, "ready", 1, 1, "steps")
+    return loaded
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -309,7 +336,7 @@ def _warm_up(model) -> None:
     model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
 
 
-def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
+def load_with_plan(resolved: ResolvedModel, config, lp, progress=None) -> LoadedModel:
     """Carry out one LoadPlan (no retries)."""
     dtype = _PLAN_DTYPES[lp.compute_dtype]
     n = lp.gpu_layers + lp.cpu_layers
@@ -335,7 +362,7 @@ def load_with_plan(resolved: ResolvedModel, config, lp) -> LoadedModel:
         bits = get_format(lp.cpu_format).bits
         WeightOnlyQuantHandler(loaded.model, bits, dtype, lp.group_size).apply()
     else:
-        model, device_map = stream_load(resolved, config, lp, dtype)
+        model, device_map = stream_load(resolved, config, lp, dtype, progress)
         device = (
             "cpu" if not lp.gpu_layers else (lp.gpu_device if not lp.cpu_layers else f"{lp.gpu_device}+cpu")
         )

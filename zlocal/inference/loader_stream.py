@@ -12,6 +12,7 @@ from zlocal.checkpoint.checkpoint_io import TensorStore
 from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError
 from zlocal.formats import get_format
+from zlocal.progress import report
 
 
 def first_line(exc: BaseException) -> str:
@@ -50,7 +51,7 @@ def _device_of(name: str, device_map: dict[str, str]) -> str:
     return best
 
 
-def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
+def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype, progress=None):
     """Build the model on the meta device and fill it from the safetensors files one tensor at a
     time, quantizing decoder Linears as the plan says. Returns (model, device_map)."""
     from accelerate import dispatch_model, init_empty_weights
@@ -69,6 +70,7 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
     except CheckpointError as exc:
         raise CheckpointError(f"{resolved.name}: cannot load weights: {exc}") from exc
     key = None
+    total, done = store.nbytes(), 0
     try:
         for key in store:
             if key not in expected:
@@ -79,6 +81,8 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype):
             _place(model, key, store[key], expected[key], lp=lp, device_map=device_map, dtype=dtype,
                    set_tensor=set_module_tensor_to_device)
             seen.add(key)
+            done += store.entry_bytes(key)
+            report(progress, "read", done, total)
     except (OSError, ValueError, RuntimeError) as exc:
         if is_oom(exc):
             raise

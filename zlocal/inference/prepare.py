@@ -185,6 +185,11 @@ def prepare_decoder(model) -> PreparedDecoder:
     return prepared
 
 
+def register_prepared(model, prepared: PreparedDecoder) -> None:
+    """Record ``prepared`` as ``model``'s preparation (a decoder rebuilt from its prepared form)."""
+    _PREPARED[model] = prepared
+
+
 def _head(model) -> nn.Module:
     head = model.lm_head
     if not (_plain(head) and head.bias is None):
