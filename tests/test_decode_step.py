@@ -1,0 +1,104 @@
+"""The static-shape decode step (zlocal.inference.decode_step): eager and compiled on the CPU it gives
+the HF forward's logits and greedy tokens; on a GPU its captured graph gives the eager step's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_engine import hf_greedy, reference_model
+from zlocal.errors import ContextOverflowError
+from zlocal.inference.decode_step import DecodeStep, crossings, sample_on_device, step_unsupported
+from zlocal.inference.kvcache import KVCache
+
+PROMPT = list(range(100, 130))  # 30 tokens; 30 + 30 decoded crosses the fixture's 48-token window
+
+
+@pytest.fixture(scope="module")
+def hf_ref(tiny_zephyr):
+    return reference_model(tiny_zephyr)
+
+
+def _step(path, ctx=128, **kw):
+    model = reference_model(path)  # its own copy: preparing fuses its weights
+    cache = KVCache(model.config.num_hidden_layers, ctx)
+    return model, cache, DecodeStep(model, cache, ctx, **kw)
+
+
+def _full_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_prefill_and_decode_match_the_hf_forward_beyond_the_window(tiny_zephyr, hf_ref):
+    want = hf_greedy(hf_ref, PROMPT, 30)
+    _, cache, step = _step(tiny_zephyr)
+    assert step_unsupported(hf_ref) is None and not step.graph and step.crossings == 0
+    logits = step(PROMPT[:17])  # prefill in two chunks, then one token at a time
+    logits = step(PROMPT[17:])
+    ref = _full_logits(hf_ref, PROMPT + want)
+    got, rows = [], []
+    for i in range(30):
+        rows.append(logits)
+        got.append(int(torch.argmax(logits)))
+        logits = step([got[-1]])
+    assert got == want and cache.length == len(PROMPT) + 30
+    expected = ref[len(PROMPT) - 1 : len(PROMPT) + 29]
+    torch.testing.assert_close(torch.stack(rows), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_matches_eager(tiny_zephyr):
+    _, _, eager = _step(tiny_zephyr)
+    _, _, compiled = _step(tiny_zephyr, compile_backend="aot_eager")
+    first = [int(torch.argmax(eager(PROMPT)))]
+    assert int(torch.argmax(compiled(PROMPT))) == first[0]
+    tokens_eager = eager.decode(first[0], 12)
+    tokens_compiled = compiled.decode(first[0], 12)
+    assert tokens_eager == tokens_compiled and len(tokens_eager) == 12
+    torch.testing.assert_close(compiled([5]), eager([5]), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_loop_stops_and_overflows(tiny_zephyr):
+    _, cache, step = _step(tiny_zephyr, ctx=40)
+    first = int(torch.argmax(step(PROMPT)))
+    out = step.decode(first, 5)
+    assert len(out) == 5 and cache.length == len(PROMPT) + 5
+    cache.truncate(len(PROMPT))
+    assert step.decode(first, 5, stop_ids=frozenset({out[1]}))[-1] == out[1]
+    with pytest.raises(ContextOverflowError):
+        step.decode(first, 20)
+
+
+def test_sample_on_device():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5])
+    assert sample_on_device(logits).tolist() == [1]
+    assert sample_on_device(logits, temperature=1.0, top_k=1).tolist() == [1]
+    gen = torch.Generator().manual_seed(3)
+    draws = {int(sample_on_device(logits, 1.0, 2, gen)) for _ in range(200)}
+    assert draws == {1, 3}  # only the top 2, and both of them
+    a = [int(sample_on_device(logits, 0.8, 0, torch.Generator().manual_seed(7))) for _ in range(3)]
+    assert len(set(a)) == 1  # same seed, same draw
+
+
+def test_crossings_count_boundaries_not_ops():
+    assert crossings(["cpu", "cuda:0", "cuda:0", "cuda:0", "cpu", "cpu", "cuda:0"]) == 3
+    assert crossings(["cuda:0"] * 5) == 0
+
+
+@pytest.mark.gpu
+def test_captured_graph_matches_eager_on_cuda(tiny_zephyr):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from zlocal.inference.decode_step import for_engine
+
+    def build(graph):
+        model = reference_model(tiny_zephyr, dtype=torch.bfloat16).cuda()
+        cache = KVCache(model.config.num_hidden_layers, 128)
+        return DecodeStep(model, cache, 128, graph=graph), model, cache
+
+    eager, _, _ = build(False)
+    graphed, model, cache = build(None)
+    assert graphed.graph and for_engine(model, cache, 128) is not None
+    first = int(torch.argmax(eager(PROMPT)))
+    assert int(torch.argmax(graphed(PROMPT))) == first
+    assert graphed.decode(first, 30) == eager.decode(first, 30)

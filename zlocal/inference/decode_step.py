@@ -1,0 +1,271 @@
+"""One decode step - every decoder layer, one token - as a captured CUDA graph; the same code eager
+or compiled on the CPU.
+
+``DecodeStep`` runs a Llama/Mistral decoder prepared by ``zlocal.inference.prepare`` over the
+engine's preallocated ``KVCache`` with static shapes: the token and its position are device tensors,
+K/V are written with ``index_copy_`` at that position, and attention reads the whole static buffer
+under a mask (causal, plus Mistral's sliding window) instead of a prefix whose length changes every
+step. Nothing in the step reads a value back to the host, so on CUDA it is captured once and each
+token is one ``CUDAGraph.replay()``; picking the token (greedy, or temperature/top-k with a device
+``torch.Generator``: ``sample_on_device``) stays on the device too, and the one host sync per token is
+the ``.item()`` that streaming and stop checks need.
+
+Why ``torch.cuda.CUDAGraph`` rather than ``torch.compile(mode="reduce-overhead")``: the KV buffers
+belong to the engine's cache and are mutated in place every step; reduce-overhead's cudagraph trees
+treat such tensors as graph inputs and skip or re-record graphs around mutated inputs, and its
+warm-up and memory pools are hard to reason about without a GPU at hand. A graph captured by hand
+holds exactly the kernels of one eager step, its input addresses are the engine's own buffers, and
+capture takes about a second instead of a compile. ``compile_backend`` (e.g. "inductor") wraps the
+step in ``torch.compile`` *without* graphs first, to fuse the small ops; the capture then records the
+compiled kernels. On the CPU the same function runs eager or compiled (tests compare both with the
+HF forward); there the one-call C decode kernel of ``fastpath`` remains the engine's decode path.
+
+Layers may sit on different devices (a plan that offloads the last layers to the CPU): each device
+gets its own rotary tables, positions and mask once per step, and the hidden state crosses between
+devices once per boundary (``crossings``), not once per op as with accelerate's per-layer hooks.
+Such a split step runs eager (a graph cannot hold CPU work).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zlocal.errors import ContextOverflowError
+from zlocal.inference.fastpath import unsupported_reason
+from zlocal.inference.prepare import prepare_decoder
+
+# reasons of fastpath.unsupported_reason this step handles itself (it moves the hidden state)
+_SPLIT_REASONS = ("layers split across devices", "accelerate hooks (offload)")
+
+
+def step_unsupported(model) -> str | None:
+    """Why ``DecodeStep`` cannot run ``model`` (None when it can)."""
+    why = unsupported_reason(model)
+    if why is not None and why not in _SPLIT_REASONS:
+        return why
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return "weights offloaded to disk"
+    return None
+
+
+def crossings(devices: list[str]) -> int:
+    """How many times the hidden state changes device through embedding, layers and head."""
+    return sum(a != b for a, b in zip(devices, devices[1:], strict=False))
+
+
+def sample_on_device(
+    logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token as a 1-element long tensor on ``logits``' device: argmax when ``temperature``
+    is 0, else a draw from the top-k (0: all) of softmax(logits / temperature). No host sync."""
+    logits = logits.float().reshape(-1)
+    if temperature < 1e-5:
+        return torch.argmax(logits).reshape(1)
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def _rms(x, w, eps):
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(dtype)
+
+
+def _rope(x, cos, sin):
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+class DecodeStep:
+    """Prefill chunks and one-token steps over a static KV cache (see the module docstring).
+
+    ``graph``: capture one-token steps in a CUDA graph (default: when every layer, the embedding and
+    the head are on one CUDA device). ``compile_backend``: wrap the step in ``torch.compile`` with
+    that backend (no graphs) before running or capturing it.
+    """
+
+    def __init__(self, model, cache, max_context: int, *, graph: bool | None = None,
+                 compile_backend: str | None = None):
+        cfg = model.config
+        self.cache, self.max_context = cache, int(max_context)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.heads // self.kv_heads
+        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        prepared = prepare_decoder(model)
+        self.embed, self.norm, self.lm_head = prepared.embed, prepared.norm, prepared.lm_head
+        self.layers = prepared.layers
+        self.devices = [lay.input_norm.device for lay in self.layers]
+        self.embed_device = self.embed.weight.device
+        self.head_device = self.norm.weight.device
+        path = [self.embed_device, *self.devices, self.head_device]
+        self.crossings = crossings([str(d) for d in path])
+        self.dtype = self.embed.weight.dtype
+        self._tables = self._rotary_tables(model)
+        one_cuda = len(set(path)) == 1 and self.embed_device.type == "cuda"
+        self.graph = one_cuda if graph is None else bool(graph)
+        self._fn = self._run
+        if compile_backend is not None:
+            self._fn = torch.compile(self._run, backend=compile_backend, dynamic=False)
+        self._captured = None  # (graph, token, position, logits) once captured
+        self._zeroed: set[int] = set()  # cache buffers (by address) whose unwritten part is zeroed
+
+    @torch.inference_mode()
+    def _rotary_tables(self, model) -> dict:
+        """Per device: (cos, sin with its first half negated, positions 0..max_context-1)."""
+        rot = model.model.rotary_emb
+        dev = next((b.device for b in rot.buffers()), self.embed_device)
+        pos = torch.arange(self.max_context, device=dev)[None]
+        probe = torch.zeros(1, 1, dtype=self.dtype, device=dev)
+        cos, sin = rot(probe, position_ids=pos)
+        half = cos.shape[-1] // 2
+        sin = torch.cat((-sin[0][:, :half], sin[0][:, half:]), dim=-1)
+        tables = {}
+        for d in dict.fromkeys(self.devices):
+            tables[d] = (cos[0].to(d), sin.to(d), torch.arange(self.max_context, device=d))
+        return tables
+
+    @torch.inference_mode()
+    def _init_cache(self) -> None:
+        """Allocate the cache buffers where needed, and zero what was never written: attention reads
+        the whole buffer, and a masked position's weight (0) times uninitialized memory (NaN) is NaN."""
+        for layer, dev in zip(self.cache.layers, self.devices, strict=True):
+            if not layer.is_initialized:
+                probe = torch.empty(1, self.kv_heads, 1, self.head_dim, dtype=self.dtype, device=dev)
+                layer.lazy_initialization(probe, probe)
+            if layer.keys.data_ptr() not in self._zeroed:
+                layer.keys[:, :, layer.length :].zero_()
+                layer.values[:, :, layer.length :].zero_()
+                self._zeroed.add(layer.keys.data_ptr())
+
+    def _masks(self, pos: torch.Tensor) -> dict:
+        """Per device: (positions, cos, sin, mask [group*t, max_context]) for query positions ``pos``."""
+        out = {}
+        for dev, (cos, sin, k_pos) in self._tables.items():
+            p = pos.to(dev)
+            mask = k_pos[None, :] <= p[:, None]
+            if self.window:
+                mask = mask & (k_pos[None, :] > p[:, None] - self.window)
+            rows = mask.repeat(self.group, 1)[None, None]  # the query heads of a K/V head as rows
+            out[dev] = (p, cos.index_select(0, p)[None, :, None], sin.index_select(0, p)[None, :, None], rows)
+        return out
+
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Tokens at positions ``pos`` (both [t], device tensors) through every layer; writes K/V at
+        ``pos`` and returns the last position's logits. No host sync (graph-capturable)."""
+        t = tokens.shape[0]
+        nq, nkv, d, g = self.heads, self.kv_heads, self.head_dim, self.group
+        h = self.embed(tokens)[None]
+        per_dev = self._masks(pos)
+        for lay, dev, layer in zip(self.layers, self.devices, self.cache.layers, strict=True):
+            if h.device != dev:
+                h = h.to(dev)  # a device boundary: the one crossing there
+            p, cos, sin, mask = per_dev[dev]
+            x = _rms(h, lay.input_norm, lay.input_eps)
+            qkv = lay.qkv(x).view(1, t, nq + 2 * nkv, d)
+            qk = _rope(qkv[:, :, : nq + nkv], cos, sin)
+            q = qk[:, :, :nq].transpose(1, 2).reshape(1, nkv, g * t, d)
+            layer.keys.index_copy_(2, p, qk[:, :, nq:].transpose(1, 2).to(layer.keys.dtype))
+            layer.values.index_copy_(2, p, qkv[:, :, nq + nkv :].transpose(1, 2).to(layer.values.dtype))
+            o = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask, scale=lay.attn_scale)
+            o = o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d)
+            h = h + lay.o(o)
+            x = _rms(h, lay.post_norm, lay.post_eps)
+            gate, up = lay.gate_up(x).chunk(2, dim=-1)
+            h = h + lay.down(F.silu(gate) * up)
+        h = h[:, -1:].to(self.head_device)
+        h = _rms(h, self.norm.weight, self.norm.variance_epsilon)
+        return self.lm_head(h)[0, -1]
+
+    def _check(self, start: int, t: int) -> None:
+        if start + t > self.max_context or start + t > self.cache.max_tokens:
+            raise ContextOverflowError(
+                f"KV cache full: {start + t} tokens do not fit in {min(self.max_context, self.cache.max_tokens)}"
+            )
+
+    def _advance(self, end: int) -> None:
+        for layer in self.cache.layers:
+            layer.length = end
+
+    @torch.inference_mode()
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` after what the cache holds (a prefill chunk, or one token); return the logits."""
+        start, t = self.cache.length, len(ids)
+        self._check(start, t)
+        self._init_cache()
+        if t == 1 and self.graph:
+            return self.replay(torch.tensor(ids, device=self.embed_device), start).clone()
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.embed_device)
+        pos = torch.arange(start, start + t, device=self.embed_device)
+        logits = (self._fn if t == 1 else self._run)(tokens, pos)
+        self._advance(start + t)
+        return logits
+
+    def _capture(self) -> None:
+        dev = self.embed_device
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        # warm-up runs write the last cache slot, which every later step overwrites before reading
+        pos = torch.full((1,), self.max_context - 1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # allocator and compile warm-up outside the capture
+                self._fn(token, pos)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._fn(token, pos)
+        self._captured = (graph, token, pos, logits)
+
+    @torch.inference_mode()
+    def replay(self, token: torch.Tensor, start: int) -> torch.Tensor:
+        """One token (a 1-element device tensor) at position ``start`` through the captured graph;
+        returns the graph's static logits buffer (overwritten by the next step)."""
+        self._check(start, 1)
+        self._init_cache()
+        if self._captured is None:
+            self._capture()
+        graph, tok, pos, logits = self._captured
+        tok.copy_(token.reshape(1))
+        pos.fill_(start)
+        graph.replay()
+        self._advance(start + 1)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, first: int, steps: int, temperature: float = 0.0, top_k: int = 0,
+               generator: torch.Generator | None = None, stop_ids: frozenset = frozenset()) -> list[int]:
+        """Feed ``first`` and sample ``steps`` tokens on the device (one ``.item()`` each, for the stop
+        check a streaming caller makes); returns the sampled tokens."""
+        out: list[int] = []
+        token = torch.tensor([first], device=self.embed_device)
+        for _ in range(steps):
+            start = self.cache.length
+            if self.graph:
+                logits = self.replay(token, start)
+            else:
+                self._check(start, 1)
+                self._init_cache()
+                logits = self._fn(token, torch.arange(start, start + 1, device=self.embed_device))
+                self._advance(start + 1)
+            token = sample_on_device(logits, temperature, top_k, generator).to(self.embed_device)
+            out.append(int(token.item()))
+            if out[-1] in stop_ids:
+                break
+        return out
+
+
+def for_engine(model, cache, max_context: int) -> DecodeStep | None:
+    """The step the engine uses on CUDA machines (None where the model cannot run it, or has no
+    layer on a CUDA device). ``ZLOCAL_DECODE_COMPILE=inductor`` compiles it before capture."""
+    import os
+
+    if not any(p.device.type == "cuda" for p in model.parameters()) or step_unsupported(model):
+        return None
+    backend = os.environ.get("ZLOCAL_DECODE_COMPILE") or None
+    return DecodeStep(model, cache, max_context, compile_backend=backend)
