@@ -38,7 +38,7 @@ def test_prefill_and_decode_match_the_hf_forward_beyond_the_window(tiny_zephyr, 
     logits = step(PROMPT[17:])
     ref = _full_logits(hf_ref, PROMPT + want)
     got, rows = [], []
-    for i in range(30):
+    for _ in range(30):
         rows.append(logits)
         got.append(int(torch.argmax(logits)))
         logits = step([got[-1]])

@@ -42,6 +42,8 @@ class WeightFormat:
     # the ``quant_method`` of the quantization_config its checkpoints carry (None: not a saved format)
     quant_method: str | None = None
     label: str = ""  # how reports name the checkpoints' family ("bitsandbytes", "GPTQ")
+    # its CUDA modules run inside zlocal's captured one-token decode graph (zlocal.inference.decode_step)
+    gpu_graph: bool = False
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         """Resident bytes of one (out_f, in_f) Linear weight."""
@@ -69,6 +71,14 @@ class WeightFormat:
         """Why this machine cannot run the format on ``device``, saying what would fix it (None: it
         can)."""
         return None
+
+    def in_gpu_graph(self) -> bool:
+        """Whether its CUDA layers run inside the captured one-token decode graph (dense layers do)."""
+        return self.dense or self.gpu_graph
+
+    def gpu_kernel(self) -> str:
+        """What runs this format's layers on a CUDA GPU, for plan lines."""
+        return "PyTorch's dense kernels" if self.dense else f"{self.label or self.name} CUDA kernels"
 
     def quantized_on_load(self, kernels: dict, device: str) -> bool:
         """Whether the planner may quantize a full-precision checkpoint into this format at load."""

@@ -28,6 +28,8 @@ Such a split step runs eager (a graph cannot hold CPU work).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,7 @@ def step_unsupported(model) -> str | None:
 
 def crossings(devices: list[str]) -> int:
     """How many times the hidden state changes device through embedding, layers and head."""
-    return sum(a != b for a, b in zip(devices, devices[1:], strict=False))
+    return sum(a != b for a, b in itertools.pairwise(devices))
 
 
 def sample_on_device(
@@ -172,7 +174,9 @@ class DecodeStep:
             q = qk[:, :, :nq].transpose(1, 2).reshape(1, nkv, g * t, d)
             layer.keys.index_copy_(2, p, qk[:, :, nq:].transpose(1, 2).to(layer.keys.dtype))
             layer.values.index_copy_(2, p, qkv[:, :, nq + nkv :].transpose(1, 2).to(layer.values.dtype))
-            o = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask, scale=lay.attn_scale)
+            o = F.scaled_dot_product_attention(
+                q, layer.keys, layer.values, attn_mask=mask, scale=lay.attn_scale
+            )
             o = o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d)
             h = h + lay.o(o)
             x = _rms(h, lay.post_norm, lay.post_eps)
@@ -183,10 +187,9 @@ class DecodeStep:
         return self.lm_head(h)[0, -1]
 
     def _check(self, start: int, t: int) -> None:
-        if start + t > self.max_context or start + t > self.cache.max_tokens:
-            raise ContextOverflowError(
-                f"KV cache full: {start + t} tokens do not fit in {min(self.max_context, self.cache.max_tokens)}"
-            )
+        room = min(self.max_context, self.cache.max_tokens)
+        if start + t > room:
+            raise ContextOverflowError(f"KV cache full: {start + t} tokens do not fit in {room}")
 
     def _advance(self, end: int) -> None:
         for layer in self.cache.layers:

@@ -142,6 +142,13 @@ class Engine:
         self.fast_reason = unsupported_reason(model) if fast else "disabled"
         if self.fast_reason is None:
             self.fast = FastForward(model, self.cache, self.max_context)
+        # On CUDA only: one-token steps as a captured graph, and split plans moving the hidden state
+        # once per device boundary (zlocal.inference.decode_step). The CPU keeps the paths above.
+        self.step = None
+        if fast and torch.cuda.is_available():
+            from zlocal.inference.decode_step import for_engine
+
+            self.step = for_engine(model, self.cache, self.max_context)
 
     @contextlib.contextmanager
     def without_stop_tokens(self):
@@ -184,7 +191,9 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
-        if self.fast is not None:
+        if self.step is not None and (len(ids) == 1 or self.fast is None):
+            logits = self.step(list(ids))
+        elif self.fast is not None:
             logits = self.fast(list(ids))
         else:
             input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.input_device)
