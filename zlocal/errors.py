@@ -70,3 +70,9 @@ class DependencyError(ZlocalError):
     """An optional dependency needed for this feature is not installed."""
 
     exit_code = 9
+
+
+class RuntimeClosedError(ZlocalError):
+    """The Runtime was closed (``close()`` or the end of its ``with`` block); its weights are freed."""
+
+    exit_code = 1

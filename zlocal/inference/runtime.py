@@ -1,7 +1,12 @@
 """The embeddable runtime: ``zlocal.load(model) -> Runtime`` with chat, streaming and sessions.
 
 A Runtime runs one generation at a time (a lock); others wait, or get BusyError when they ask
-not to wait. ``cancel()`` stops the running generation from any thread within one token.
+not to wait. ``cancel()`` stops the running generation from any thread within one token, and ends
+streams created before it but not started yet. A stream takes the lock on its first ``next()``
+and gives it back with its last response; a half-consumed stream left paused by its thread is
+ended by that thread's next request (zlocal.inference.runtime_stream says exactly when).
+``close()`` (or the end of a ``with`` block) frees the weights, KV cache and kernel scratch.
+``astream_chat``/``astream_generate`` are the asyncio forms (zlocal.inference.aio).
 """
 
 from __future__ import annotations
@@ -9,41 +14,43 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from zlocal.checkpoint.resolve import DEFAULT_MODEL, ResolvedModel, resolve_model
+from zlocal.checkpoint.resolve import DEFAULT_MODEL, ResolvedModel
 from zlocal.errors import (
-    BusyError,
-    CheckpointError,
-    ContextOverflowError,
     DependencyError,
     InvalidArgumentError,
+    RuntimeClosedError,
 )
 from zlocal.inference.completion import Completion, LoadInfo
 from zlocal.inference.engine import Engine, GenerationResponse
 from zlocal.inference.grammar import Grammar, GrammarCompiler
-from zlocal.inference.grammar_format import StructuredChat, plan_chat, response_grammar
-from zlocal.inference.loader import load_config, load_for_runtime
+from zlocal.inference.grammar_format import StructuredChat, plan_chat
+from zlocal.inference.loader import load_for_runtime
 from zlocal.inference.logprobs import TokenTexts, chat_entry, legacy_logprobs
+from zlocal.inference.runtime_load import generation_defaults, load_chat_template
+from zlocal.inference.runtime_stream import (
+    CLOSED,
+    CLOSED_MSG,
+    GenerationStream,
+    acquire,
+    forget_model,
+    no_stream,
+    return_memory,
+)
 from zlocal.inference.sampling import SamplingParams
-from zlocal.inference.template import ChatTemplate, build_template, validate_messages
+from zlocal.inference.session import ChatSession
+from zlocal.inference.template import ChatTemplate
+
+__all__ = ["ChatSession", "Completion", "Runtime", "load", "load_chat_template", "sampling_params"]
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _STRUCTURED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 _ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
-
-
-class _AnyEvent:
-    """is_set() is true when any of the wrapped events is set."""
-
-    def __init__(self, *events: threading.Event | None):
-        self.events = [e for e in events if e is not None]
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
 
 
 def sampling_params(defaults: dict[str, Any] | None = None, **kwargs) -> SamplingParams:
@@ -59,7 +66,11 @@ def sampling_params(defaults: dict[str, Any] | None = None, **kwargs) -> Samplin
 
 
 class Runtime:
-    """A loaded chat model ready to generate. Build it with ``zlocal.load``."""
+    """A loaded chat model ready to generate. Build it with ``zlocal.load``.
+
+    Use it as a context manager (``with zlocal.load(...) as rt:``) or call ``close()`` to free the
+    model's memory; a closed Runtime raises RuntimeClosedError.
+    """
 
     def __init__(
         self,
@@ -70,6 +81,7 @@ class Runtime:
         resolved: ResolvedModel,
         plan: Any = None,
         sampling_defaults: dict[str, Any] | None = None,
+        threads: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -80,8 +92,12 @@ class Runtime:
         self.sampling_defaults = sampling_defaults or {}
         self.max_context = info.max_context
         self.engine = Engine(model, tokenizer, info.max_context, template.stop_token_ids)
+        self.threads = threads  # compute threads set at load (None: torch's setting as it is)
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._holder = no_stream  # weak reference to the stream holding the lock
+        self._cancel_epoch = 0  # Runtime.cancel() calls so far (streams remember it at creation)
+        self._epoch_lock = threading.Lock()
+        self._closed = False
         self._token_texts: TokenTexts | None = None
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
@@ -89,6 +105,7 @@ class Runtime:
     @property
     def token_texts(self) -> TokenTexts:
         """Token id -> (text, bytes) as logprobs report them (built on first use, then cached)."""
+        self._check_open()
         if self._token_texts is None:
             self._token_texts = TokenTexts(self.tokenizer)
         return self._token_texts
@@ -97,6 +114,7 @@ class Runtime:
     def grammars(self) -> GrammarCompiler:
         """The grammar compiler for this model: its vocabulary compiled once (on first use), then
         an LRU of compiled schemas (zlocal.inference.grammar)."""
+        self._check_open()
         with self._grammars_lock:
             if self._grammars is None:
                 n_vocab = self.model.config.get_text_config(decoder=True).vocab_size
@@ -111,26 +129,42 @@ class Runtime:
     # -- prompt building -------------------------------------------------------------------------
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The exact prompt string fed to the model for these messages."""
+        self._check_open()
         return self.template.render(messages, add_generation_prompt)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt)."""
+        self._check_open()
         return self.template.encode(messages)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize plain text."""
+        self._check_open()
         if not isinstance(text, str):
             raise InvalidArgumentError("prompt must be a string")
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     # -- generation ------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the running generation (from any thread) within one token."""
-        self._cancel.set()
+        """Stop generations from any thread: the running one within one token, and every stream
+        created before this call that has not started yet (it ends at once with finish_reason
+        "cancelled"). Streams created after the call are not affected."""
+        with self._epoch_lock:
+            self._cancel_epoch += 1
 
     @property
     def busy(self) -> bool:
+        """Whether a generation holds the runtime now."""
         return self._lock.locked()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` ran (the weights are freed)."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError(CLOSED_MSG)
 
     def stream_tokens(
         self,
@@ -142,26 +176,62 @@ class Runtime:
         grammar: Grammar | None = None,
         **sampling,
     ) -> Iterator[GenerationResponse]:
-        """Stream a completion of raw token ids. Holds the runtime lock while iterating.
+        """Stream a completion of raw token ids (a GenerationStream).
 
-        ``grammar`` (from ``self.grammars``) constrains every token; a fresh matcher runs per call.
+        The stream takes the runtime lock on its first ``next()`` (waiting for a running generation,
+        or BusyError with ``wait=False`` or after ``timeout`` seconds) and gives it back with its
+        last response or ``close()``. A half-consumed stream paused by a thread is ended by that
+        thread's next request; see zlocal.inference.runtime_stream. ``cancel`` (a threading.Event)
+        stops it from any thread, as ``cancel()`` does. ``grammar`` (from ``self.grammars``)
+        constrains every token; a fresh matcher runs per call.
         """
+        self._check_open()
         params = sampling_params(self.sampling_defaults, **sampling)
         self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
         constraint = self.grammars.constraint(grammar) if grammar is not None else None
-        return self._locked_stream(list(prompt_ids), params, cancel, wait, timeout, constraint)
+        return GenerationStream(self, list(prompt_ids), params, cancel, wait, timeout, constraint)
 
-    def _locked_stream(self, prompt_ids, params, cancel, wait, timeout, constraint=None):
-        acquired = self._lock.acquire(
-            blocking=wait, timeout=timeout if (wait and timeout is not None) else -1
-        )
-        if not acquired:
-            raise BusyError("another generation is running on this runtime; wait for it or cancel it")
+    def _acquire(self, stream: GenerationStream, wait: bool, timeout: float | None) -> None:
+        """Take the lock for ``stream`` (called by the stream on its first next())."""
+        acquire(self._lock, self._holder, wait, timeout)
+        if self._closed:  # closed while this stream waited
+            self._lock.release()
+            raise RuntimeClosedError(CLOSED_MSG)
+        self._holder = weakref.ref(stream)
+
+    def _release(self, stream: GenerationStream) -> None:
+        self._holder = no_stream
+        self._lock.release()
+
+    def close(self) -> None:
+        """Free the weights, KV cache, caches and kernel scratch; later use raises RuntimeClosedError.
+
+        A running generation is cancelled first (it stops within a token) and a paused stream is
+        ended. Idempotent. Memory goes back to the OS where glibc allows (``malloc_trim``).
+        """
+        if self._closed:
+            return
+        self.cancel()  # a running or paused stream of any thread is now abandoned, so it ends
+        acquire(self._lock, self._holder, True, None)
         try:
-            self._cancel.clear()
-            yield from self.engine.generate(prompt_ids, params, _AnyEvent(self._cancel, cancel), constraint)
+            if self._closed:
+                return
+            self._closed = True
+            model = self.model
+            self.model = self.engine = self.tokenizer = self.template = CLOSED
+            self.plan, self._token_texts, self._grammars = None, None, None
         finally:
             self._lock.release()
+        forget_model(model)
+        del model
+        return_memory()
+
+    def __enter__(self) -> Runtime:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def plan_chat(self, messages: Sequence[dict[str, Any]], **structured) -> StructuredChat:
         """Prompt ids, grammar and reply parser of a chat request (``response_format``, ``tools``,
@@ -256,127 +326,36 @@ class Runtime:
             text_logprobs=legacy_logprobs(texts, lps, offsets) if want_logprobs else None,
         )
 
+    def astream_chat(
+        self, messages: Sequence[dict[str, Any]], **sampling
+    ) -> AsyncIterator[GenerationResponse]:
+        """``stream_chat`` for asyncio: ``async for r in rt.astream_chat(messages, ...)``.
+
+        The generation runs on a worker thread, so the event loop keeps running; closing the
+        iterator (``aclose()``, ``break``, cancelling the task) cancels the generation.
+        """
+        from zlocal.inference.aio import astream
+
+        return astream(self.stream_chat, messages, **sampling)
+
+    def astream_generate(self, prompt: str | Sequence[int], **sampling) -> AsyncIterator[GenerationResponse]:
+        """``stream_generate`` for asyncio (see ``astream_chat``)."""
+        from zlocal.inference.aio import astream
+
+        return astream(self.stream_generate, prompt, **sampling)
+
     def session(self, system: str | None = None, truncate: str = "oldest") -> ChatSession:
         """A stateful multi-turn chat that reuses the KV cache between turns."""
+        self._check_open()
         return ChatSession(self, system=system, truncate=truncate)
 
 
-class ChatSession:
-    """Multi-turn chat state. Only the new turn is prefilled; the KV cache holds the rest.
-
-    Truncation policy when history + max_new_tokens exceed the context: ``truncate="oldest"`` drops
-    the oldest user/assistant exchanges (the system message is kept) until the prompt fits;
-    ``truncate="error"`` raises ContextOverflowError instead.
-    """
-
-    def __init__(self, runtime: Runtime, system: str | None = None, truncate: str = "oldest"):
-        if truncate not in ("oldest", "error"):
-            raise InvalidArgumentError("truncate must be 'oldest' or 'error'")
-        self.runtime = runtime
-        self.truncate = truncate
-        self.system = system
-        self.messages: list[dict[str, str]] = []
-        self.dropped_turns = 0
-
-    def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = []
-
-    def set_system(self, text: str | None) -> None:
-        """Replace the system prompt; the conversation restarts."""
-        self.system = text or None
-        self.reset()
-
-    def _prompt(self, max_new_tokens: int) -> list[int]:
-        while True:
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-            ids = self.runtime.encode_chat(msgs)
-            if len(ids) + max_new_tokens <= self.runtime.max_context or self.truncate == "error":
-                return ids
-            # Drop the oldest exchange (user + assistant); never the turn being asked.
-            if len(self.messages) <= 1:
-                raise ContextOverflowError(
-                    f"this message alone ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                    f"context of {self.runtime.max_context} tokens"
-                )
-            cut = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
-            self.messages = self.messages[cut:]
-            self.dropped_turns += 1
-
-    def stream(self, user_text: str, response_format: Any = None, **sampling) -> Iterator[GenerationResponse]:
-        """Send a user message; stream the reply; the reply is appended to the history.
-
-        ``response_format`` (as in ``Runtime.chat_completion``) constrains this turn's reply.
-        """
-        validate_messages([{"role": "user", "content": user_text}])
-        params = sampling_params(self.runtime.sampling_defaults, **sampling)
-        grammar, _ = response_grammar(lambda: self.runtime.grammars, response_format)
-        if grammar is not None:
-            sampling["grammar"] = grammar
-        self.messages.append({"role": "user", "content": user_text})
-        try:
-            ids = self._prompt(params.max_new_tokens)
-        except ContextOverflowError:
-            self.messages.pop()
-            raise
-        return self._run(ids, sampling)
-
-    def _run(self, ids, sampling):
-        parts = []
-        try:
-            for r in self.runtime.stream_tokens(ids, **sampling):
-                parts.append(r.text)
-                yield r
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(parts)})
-
-    def send(self, user_text: str, **sampling) -> str:
-        """Send a user message and return the full reply."""
-        return "".join(r.text for r in self.stream(user_text, **sampling))
-
-
-def _generation_defaults(model) -> dict[str, Any]:
-    gc = getattr(model, "generation_config", None)
-    if gc is None:
-        return {}
-    out: dict[str, Any] = {}
-    if getattr(gc, "do_sample", None) is False:
-        out["temperature"] = 0.0
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p"):
-        value = getattr(gc, name, None)
-        if value is not None and name not in out:
-            out[name] = value
-    return out
-
-
-def load_chat_template(
-    model: str | os.PathLike = DEFAULT_MODEL,
-    *,
-    chat_template: str | os.PathLike | None = None,
-    allow_pickle: bool = False,
-    download: bool = False,
-    revision: str | None = None,
-):
-    """Resolve MODEL and build its validated chat template without loading any weights.
-
-    Returns (resolved, config, tokenizer, template).
-    """
-    from transformers import AutoTokenizer
-
-    resolved = resolve_model(model, revision=revision, download=download, allow_pickle=allow_pickle)
-    config = load_config(resolved)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{resolved.name}: cannot load the tokenizer: {exc}") from exc
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if tokenizer.eos_token_id is not None:
-        eos_ids.append(tokenizer.eos_token_id)
-    template = build_template(
-        tokenizer, str(model), config, [e for e in eos_ids if e is not None], chat_template
-    )
-    return resolved, config, tokenizer, template
+def _check_threads(threads: Any) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
+        raise InvalidArgumentError(f"threads must be a positive integer (compute threads), got {threads!r}")
+    return threads
 
 
 def load(
@@ -390,19 +369,38 @@ def load(
     allow_pickle: bool = False,
     download: bool = False,
     revision: str | None = None,
+    threads: int | None = None,
+    progress=None,
+    cache: bool | None = None,
 ) -> Runtime:
-    """Load a chat model and return a Runtime.
+    """Load a chat model and return a Runtime (a context manager: ``with zlocal.load(...) as rt:``).
 
     ``model``: checkpoint directory, HF repo id in the local cache, or alias (``zephyr-7b-beta``,
     ``smollm2-135m``). ``max_context`` caps the KV cache (default: the model's context, at most 4096).
     ``chat_template``: a .jinja file overriding the checkpoint's template.
+    ``threads``: compute threads for loading and generation (``torch.set_num_threads``, which
+    zlocal's C kernels follow too; the setting is process-wide); None keeps torch's setting.
+    ``progress``: a callback receiving ``zlocal.progress.Progress`` events while loading.
+    ``cache``: read and write the prepared-form cache of a CPU plan (None: on by default).
     """
+    threads = _check_threads(threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     resolved, config, tokenizer, template = load_chat_template(
         model, chat_template=chat_template, allow_pickle=allow_pickle, download=download, revision=revision
     )
     loaded = load_for_runtime(
-        resolved, config, plan=plan, dtype=dtype, device=device, max_context=max_context
+        resolved,
+        config,
+        plan=plan,
+        dtype=dtype,
+        device=device,
+        max_context=max_context,
+        progress=progress,
+        cache=cache,
     )
     info = LoadInfo(
         model=str(model),
@@ -422,5 +420,6 @@ def load(
         info,
         resolved,
         plan=loaded.plan,
-        sampling_defaults=_generation_defaults(loaded.model),
+        sampling_defaults=generation_defaults(loaded.model),
+        threads=threads,
     )
