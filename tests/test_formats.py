@@ -60,6 +60,9 @@ def test_what_runs_where():
     assert formats_on_load(none, "bf16", "cpu") == ["bf16"]
     assert formats_on_load({}, "fp16", "cuda") == ["fp16"]
     assert formats_on_load({"bitsandbytes_cuda": True}, "bf16", "cuda") == ["bf16", "bnb-int8", "nf4"]
+    sm80 = {"bitsandbytes_cuda": True, "torch_int4_cuda": True}  # PyTorch's int4 kernel: sm80+
+    assert formats_on_load(sm80, "bf16", "cuda") == ["bf16", "int4", "bnb-int8", "nf4"]
+    assert get_format("int4").runs_on(sm80, "cuda") and not get_format("int4").runs_on({}, "cuda")
     gptq = {"quant_method": "gptq", "bits": 4}
     assert formats_for_checkpoint({}, gptq, "cpu") == []
     assert formats_for_checkpoint({"gptqmodel_torch": True}, gptq, "cpu") == ["gptq"]

@@ -63,8 +63,8 @@ def test_every_profile_gets_a_fitting_zephyr_plan_at_4096(name):
 
 
 def test_specific_decisions():
-    big = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096)
-    assert (big.weights_format, big.gpu_layers) == ("bf16", 32)  # quality: 14.5 GB fits 24 GB with headroom
+    big = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, dtype="bf16")
+    assert (big.weights_format, big.gpu_layers) == ("bf16", 32)  # asked for: 14.5 GB fits 24 GB with headroom
     fast = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, prefer="speed")
     assert fast.bits == 4 and fast.predicted_decode_tok_s > big.predicted_decode_tok_s
     small = make_plan(HW["rtx-3060-ti-8gb"], ZEPHYR, ctx=4096)
@@ -80,6 +80,41 @@ def test_max_vram_caps_the_gpu_share():
     p = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, max_vram_bytes=4 * GIB)
     assert p.fits and p.estimated_vram_bytes <= 4 * GIB and 0 < p.gpu_layers < 32
     assert p.cpu_layers > 0 and p.cpu_format is not None
+    # the plan says where it splits and what the crossing costs
+    g = p.gpu_layers
+    split = [r for r in p.reasons if r.startswith(f"split after layer {g - 1}: layers 0-{g - 1} on the GPU")]
+    assert len(split) == 1 and f"{g}-31 on the CPU ({p.cpu_format})" in split[0]
+    assert "crosses between them 3 times, once per boundary (~0.15 ms)" in split[0]
+    assert any("launch each layer's kernels from Python" in r for r in p.reasons)  # no graph when split
+
+
+def test_gpu_generation_picks_the_4bit_kernel():
+    """sm75 has no PyTorch int4 kernel: 4 bits run as bitsandbytes nf4; sm80+ runs int4 on it, with the
+    decode step captured as a graph, which the speed model counts (from anchors, until measured)."""
+    for name in ("gtx-1660-6gb", "rtx-2060-6gb"):
+        p = make_plan(HW[name], ZEPHYR, ctx=4096, prefer="speed")
+        assert (p.gpu_format, p.gpu_layers) == ("nf4", 32)
+        assert any("PyTorch's int4 kernel needs 8.0+" in r for r in p.reasons)
+    for name in ("rtx-3060-12gb", "rtx-4090-24gb"):
+        p = make_plan(HW[name], ZEPHYR, ctx=4096, prefer="speed")
+        assert (p.gpu_format, p.gpu_layers, p.quantize_on_load) == ("int4", 32, True)
+        assert any("_weight_int4pack_mm" in r and "one captured CUDA graph" in r for r in p.reasons)
+    big = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096)
+    assert big.gpu_format == "int4"  # bf16 fits, but decodes at under half of int4's predicted speed
+    no_kernel = dataclasses.replace(HW["rtx-4090-24gb"], kernels={**HW["rtx-4090-24gb"].kernels,
+                                                                   "torch_int4_cuda": False})
+    assert make_plan(no_kernel, ZEPHYR, ctx=4096, prefer="speed").gpu_format != "int4"
+    # the graph is what makes int4 fast: eager (split) int4 layers cost a launch-bound 0.3 ms each
+    from zlocal.planning import plan as planner
+
+    graph = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, prefer="speed").predicted_decode_tok_s
+    saved = planner.GPU_GRAPH_LAYER_OVERHEAD_S
+    planner.GPU_GRAPH_LAYER_OVERHEAD_S = planner.GPU_LAYER_OVERHEAD_S
+    try:
+        eager = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, prefer="speed").predicted_decode_tok_s
+    finally:
+        planner.GPU_GRAPH_LAYER_OVERHEAD_S = saved
+    assert graph > 1.5 * eager
 
 
 def test_long_context_on_small_card_offloads_or_shrinks():

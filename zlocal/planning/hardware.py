@@ -300,7 +300,8 @@ def _kernels(gpus: list[GpuInfo]) -> dict[str, bool]:
         "zlocal_int4_cpu": own,
         "zlocal_int8_cpu": own,
         "bitsandbytes_cuda": cuda and has("bitsandbytes") is not None,
-        "torch_int4_cuda": cuda and cc >= 8.0,
+        # PyTorch's int4 kernel (zlocal.formats.cuda_int4) is built for sm80 and newer
+        "torch_int4_cuda": cuda and cc >= 8.0 and hasattr(torch, "_weight_int4pack_mm"),
         "gptqmodel_marlin": gptq and cuda and cc >= 8.0,
         "gptqmodel_exllama": gptq and cuda,
         "gptqmodel_torch": gptq,
