@@ -105,7 +105,7 @@ def test_gpu_generation_picks_the_4bit_kernel():
                                                                    "torch_int4_cuda": False})
     assert make_plan(no_kernel, ZEPHYR, ctx=4096, prefer="speed").gpu_format != "int4"
     # the graph is what makes int4 fast: eager (split) int4 layers cost a launch-bound 0.3 ms each
-    from zlocal.planning import plan as planner
+    from zlocal.planning import speed as planner
 
     graph = make_plan(HW["rtx-4090-24gb"], ZEPHYR, ctx=4096, prefer="speed").predicted_decode_tok_s
     saved = planner.GPU_GRAPH_LAYER_OVERHEAD_S
