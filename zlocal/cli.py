@@ -8,14 +8,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
+import re
 import sys
+import warnings
 
 from zlocal import __version__
 from zlocal.errors import ZlocalError
 
 # Order shown in --help: the pipeline first.
-_ORDER = ["profile", "plan", "convert", "verify", "eval", "prompt", "generate", "chat", "bench", "serve"]
+_ORDER = [
+    "profile", "plan", "convert", "verify", "eval", "prompt", "generate", "chat", "bench", "serve",
+    "list", "pull", "rm", "cache",
+]
+# Python names in library error messages, as the flags a CLI user typed (see _flag_names).
+_FLAG_NAMES = re.compile(
+    r"(?<![\w/.-])(max_new_tokens|max_tokens|max_context|top_k|top_p|min_p|repetition_penalty|chat_template)\b"
+)
 
 
 def _command_modules() -> list[str]:
@@ -41,15 +51,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """transformers' per-tensor progress bars and advisory warnings are noise in a chat terminal."""
-    import os
+class _LogHandler(logging.Handler):
+    """stderr gets zlocal's own warnings (one line each); other libraries' records only with ZLOCAL_LOG."""
 
+    def __init__(self, level: str | None):
+        super().__init__(logging.DEBUG if level else logging.WARNING)
+        self.everything = bool(level)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("zlocal") and record.levelno >= logging.WARNING:
+            print(record.getMessage().splitlines()[0], file=sys.stderr)
+        elif self.everything:
+            print(self.format(record), file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message)
+    if text.startswith("zlocal"):  # zlocal's own notes (a smaller plan after an out-of-memory) stay visible
+        print(text.splitlines()[0], file=sys.stderr)
+    else:
+        logging.getLogger("py.warnings").warning("%s:%s: %s: %s", filename, lineno, category.__name__, text)
+
+
+def _route_logging() -> None:
+    """Third-party warnings, log records and progress bars go through ``logging``, not stderr.
+
+    Only zlocal's own one-line notes reach stderr; ``ZLOCAL_LOG=info`` (or debug, warning) prints
+    every library's records too.
+    """
+    level = os.environ.get("ZLOCAL_LOG", "").strip().upper() or None
+    root = logging.getLogger()
+    root.handlers[:] = [_LogHandler(level)]
+    root.setLevel(level if level in logging.getLevelNamesMapping() else logging.WARNING)
+    warnings.showwarning = _show_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-tensor progress bars and its own stderr handler are noise in a chat terminal:
+    its records propagate to the root logger (see _route_logging) instead."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity_warning()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - huggingface_hub always comes with transformers
+        pass
+
+
+def _flag_names(message: str) -> str:
+    """``max_new_tokens must be > 0`` as the CLI user knows it: ``--max-new-tokens must be > 0``."""
+    return _FLAG_NAMES.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"zlocal.commands.{args.command}")
-    _quiet_libraries()
+    _route_logging()
+    if getattr(module, "LOADS_MODELS", True):  # list/rm/cache/pull stay fast: no transformers import
+        _quiet_libraries()
     try:
         return int(module.run(args) or 0)
     except ZlocalError as exc:
-        print(f"zlocal: error: {exc}", file=sys.stderr)
+        print(f"zlocal: error: {_flag_names(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("zlocal: interrupted", file=sys.stderr)

