@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tests import fixtures
+
+# Loads in tests read their checkpoints, not a prepared form left by an earlier test or run (this
+# reaches the CLI's subprocesses too); tests of the prepared form turn it on with their own folder.
+os.environ["ZLOCAL_PREPARED_CACHE"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+# transformers' model base (and the integrations it pulls in: 1-3 s) is imported with the loader, when
+# an app first touches ``zlocal.load``, not inside each load call, which then only builds the model.
+import transformers.modeling_utils  # noqa: F401
+
 from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError, InvalidArgumentError, PlanError
 from zlocal.formats import checkpoint_format, get_format
