@@ -8,7 +8,14 @@ import torch
 
 from tests.test_engine import hf_greedy, reference_model
 from zlocal.errors import ContextOverflowError
-from zlocal.inference.decode_step import DecodeStep, crossings, sample_on_device, step_unsupported
+from zlocal.inference.decode_step import (
+    DecodeStep,
+    crossings,
+    for_engine,
+    graph_safe,
+    sample_on_device,
+    step_unsupported,
+)
 from zlocal.inference.kvcache import KVCache
 
 PROMPT = list(range(100, 130))  # 30 tokens; 30 + 30 decoded crosses the fixture's 48-token window
@@ -85,11 +92,24 @@ def test_crossings_count_boundaries_not_ops():
     assert crossings(["cuda:0"] * 5) == 0
 
 
+def test_graph_only_for_pytorchs_own_kernels(tiny_zephyr):
+    from zlocal.inference.prepare import ConcatLinear
+
+    class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes' module
+        pass
+
+    Linear4bit.__module__ = "bitsandbytes.nn.modules"
+    plain, bnb = torch.nn.Linear(4, 4), Linear4bit(4, 4)
+    assert graph_safe(plain) and not graph_safe(bnb)
+    assert graph_safe(ConcatLinear([plain, plain])) and not graph_safe(ConcatLinear([plain, bnb]))
+    model, cache, _ = _step(tiny_zephyr)
+    assert for_engine(model, cache, 128) is None  # no layer on a CUDA device: the CPU paths stay
+
+
 @pytest.mark.gpu
 def test_captured_graph_matches_eager_on_cuda(tiny_zephyr):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from zlocal.inference.decode_step import for_engine
 
     def build(graph):
         model = reference_model(tiny_zephyr, dtype=torch.bfloat16).cuda()

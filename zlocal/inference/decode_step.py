@@ -263,12 +263,29 @@ class DecodeStep:
         return out
 
 
+def graph_safe(module) -> bool:
+    """Whether a projection module's kernels may be captured: PyTorch's own (dense, int4); not
+    bitsandbytes' or gptqmodel's, which the planner counts as eager (``WeightFormat.in_gpu_graph``)."""
+    parts = getattr(module, "parts", None)
+    if parts is not None:  # prepare.ConcatLinear
+        return all(graph_safe(p) for p in parts)
+    return not type(module).__module__.startswith(("bitsandbytes", "gptqmodel", "auto_gptq"))
+
+
 def for_engine(model, cache, max_context: int) -> DecodeStep | None:
-    """The step the engine uses on CUDA machines (None where the model cannot run it, or has no
-    layer on a CUDA device). ``ZLOCAL_DECODE_COMPILE=inductor`` compiles it before capture."""
+    """The step the engine uses on CUDA machines, or None: where the model cannot run it, has no layer
+    on a CUDA device, or sits on one GPU with layers that cannot be captured (the lean forward, which
+    reads only the filled prefix, is then faster than an eager static step). ``ZLOCAL_DECODE_GRAPH=0``
+    turns the step off; ``ZLOCAL_DECODE_COMPILE=inductor`` compiles it before capture."""
     import os
 
+    if os.environ.get("ZLOCAL_DECODE_GRAPH", "1") == "0":
+        return None
     if not any(p.device.type == "cuda" for p in model.parameters()) or step_unsupported(model):
         return None
     backend = os.environ.get("ZLOCAL_DECODE_COMPILE") or None
-    return DecodeStep(model, cache, max_context, compile_backend=backend)
+    step = DecodeStep(model, cache, max_context, compile_backend=backend)
+    mods = [m for lay in step.layers for m in (lay.qkv, lay.o, lay.gate_up, lay.down)]
+    if step.graph and not all(graph_safe(m) for m in mods):
+        return None
+    return step
