@@ -122,3 +122,43 @@ def test_captured_graph_matches_eager_on_cuda(tiny_zephyr):
     first = int(torch.argmax(eager(PROMPT)))
     assert int(torch.argmax(graphed(PROMPT))) == first
     assert graphed.decode(first, 30) == eager.decode(first, 30)
+
+
+def test_engine_hook_runs_the_step_for_one_token_steps(tiny_zephyr, hf_ref, monkeypatch):
+    """What the engine does on CUDA, run on the CPU: prompts through the lean forward, one-token steps
+    through the decode step (forced here), greedy tokens as the HF forward's."""
+    import zlocal
+    from zlocal.inference.engine import Engine
+
+    rt = zlocal.load(str(tiny_zephyr), plan=None, dtype="float32", max_context=128)
+    engine = rt.engine
+    assert engine.step is None  # CPU models keep their paths
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the hook looks, finds no CUDA layer
+    assert Engine(rt.model, rt.tokenizer, 128).step is None
+    monkeypatch.undo()
+    calls = []
+    step = DecodeStep(rt.model, engine.cache, 128)
+    engine.step = lambda ids: calls.append(len(ids)) or step(ids)
+    with engine.without_stop_tokens():
+        got = rt.generate(PROMPT, temperature=0, max_new_tokens=20).token_ids
+    assert got == hf_greedy(hf_ref, PROMPT, 20)
+    assert calls == [1] * 19  # every decode step, never the prompt
+
+
+@pytest.mark.gpu
+def test_split_step_crosses_once_per_boundary(tiny_zephyr, hf_ref):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import dataclasses
+
+    import zlocal
+    from tests.test_cpu_quant import auto_plan
+
+    plan = dataclasses.replace(auto_plan(tiny_zephyr), gpu_layers=1, cpu_layers=1, gpu_format="fp32",
+                               cpu_format="fp32", gpu_device="cuda:0", compute_dtype="fp32")
+    rt = zlocal.load(str(tiny_zephyr), plan=plan, max_context=128)
+    step = rt.engine.step
+    assert step is not None and not step.graph and step.crossings == 3
+    with rt.engine.without_stop_tokens():
+        got = rt.generate(PROMPT, temperature=0, max_new_tokens=20).token_ids
+    assert got == hf_greedy(hf_ref, PROMPT, 20)
