@@ -20,6 +20,7 @@ from zlocal.errors import (
     ContextOverflowError,
     InvalidArgumentError,
     ModelNotFoundError,
+    RuntimeClosedError,
     TemplateError,
     ZlocalError,
 )
@@ -31,6 +32,7 @@ _LAZY = {
     "ChatSession": "zlocal.inference.runtime",
     "Completion": "zlocal.inference.runtime",
     "Runtime": "zlocal.inference.runtime",
+    "GenerationStream": "zlocal.inference.runtime_stream",
     "load": "zlocal.inference.runtime",
     "SamplingParams": "zlocal.inference.sampling",
 }
@@ -55,9 +57,11 @@ __all__ = [
     "Completion",
     "ContextOverflowError",
     "GenerationResponse",
+    "GenerationStream",
     "InvalidArgumentError",
     "ModelNotFoundError",
     "Runtime",
+    "RuntimeClosedError",
     "SamplingParams",
     "TemplateError",
     "ZlocalError",

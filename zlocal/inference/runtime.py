@@ -207,7 +207,9 @@ class Runtime:
         """Free the weights, KV cache, caches and kernel scratch; later use raises RuntimeClosedError.
 
         A running generation is cancelled first (it stops within a token) and a paused stream is
-        ended. Idempotent. Memory goes back to the OS where glibc allows (``malloc_trim``).
+        ended. Idempotent. Freed memory goes back to the OS where glibc allows (``malloc_trim``);
+        what threads left fragmented in glibc's per-thread arenas may stay resident (tens of MB;
+        ``MALLOC_ARENA_MAX=2`` in the environment bounds it).
         """
         if self._closed:
             return
