@@ -59,6 +59,14 @@ def register(sub) -> None:
         help="another model name requests may use (repeatable), e.g. gpt-4o-mini for a client that "
         "hard-codes one; /v1/models lists it. Other names get 404 model_not_found",
     )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="unload the model after SECONDS without requests and load it again on the next one "
+        "(that request waits for the load; default: keep it loaded)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -128,11 +136,17 @@ def run(args) -> int:
         raise InvalidArgumentError(
             f"--alias {bad_alias[:100]!r}: give a non-empty name of at most 256 characters"
         )
+    if args.keep_alive is not None and not args.keep_alive > 0:  # also refuses nan
+        raise InvalidArgumentError(f"--keep-alive must be > 0 seconds, got {args.keep_alive}")
     if args.api_key is not None and not args.api_key.strip():
         raise InvalidArgumentError("--api-key is empty")
     _setup_logging(args.log_level)
     sock = _bind(args.host, args.port)
     runtime = load_runtime(args)
+    if args.keep_alive is not None:
+        from zlocal.serving.server_keepalive import KeepAliveRuntime
+
+        runtime = KeepAliveRuntime(lambda: load_runtime(args), args.keep_alive, runtime=runtime)
     name = display_name(args.model)
     app = create_app(
         runtime,
@@ -155,7 +169,8 @@ def run(args) -> int:
     print(
         f"zlocal serve: {name} on http://{shown}:{port}/v1 "
         f"(context {runtime.max_context}, queue {args.max_queue}, auth {'on' if args.api_key else 'off'}"
-        + (f", aliases {', '.join(args.alias)})" if args.alias else ")"),
+        + (f", aliases {', '.join(args.alias)}" if args.alias else "")
+        + (f", keep-alive {args.keep_alive:g} s)" if args.keep_alive is not None else ")"),
         file=sys.stderr,
         flush=True,
     )

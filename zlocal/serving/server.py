@@ -111,9 +111,12 @@ def create_app(
 
     _add_model_routes(app, runtime, served)
 
-    @app.get("/stats", summary="queue depth and recent jobs")
+    @app.get("/stats", summary="queue depth and recent jobs (and the model's load state with --keep-alive)")
     async def stats():
-        return queue.stats()
+        out = queue.stats()
+        if hasattr(type(runtime), "residency"):  # a KeepAliveRuntime (server_keepalive)
+            out["model"] = runtime.residency()
+        return out
 
     _add_token_routes(app, queue, runtime, token_budget, served)
     add_generation_routes(app, queue, runtime, default_max_tokens, served)
