@@ -3,8 +3,6 @@ a model of zlocal's cache, or a repo of the Hugging Face cache, after confirmati
 
 from __future__ import annotations
 
-import sys
-
 from zlocal.errors import InvalidArgumentError
 
 LOADS_MODELS = False  # cli: no transformers set-up needed
@@ -38,6 +36,22 @@ def _remove_prepared(key: str, yes: bool) -> int | None:
     return 0
 
 
+def _with_prepared(what: str, entry) -> str:
+    from zlocal.commands._models import human_size
+
+    if not entry.prepared:
+        return what
+    size = human_size(sum(p["size_bytes"] for p in entry.prepared))
+    return f"{what} and its {len(entry.prepared)} prepared form(s) ({size})"
+
+
+def _remove_model_prepared(entry) -> None:
+    from zlocal.checkpoint.prepared_cache import remove_prepared
+
+    for p in entry.prepared:
+        remove_prepared(p["key"])
+
+
 def _remove_hf(entry, yes: bool) -> int:
     from huggingface_hub import scan_cache_dir
 
@@ -49,9 +63,10 @@ def _remove_hf(entry, yes: bool) -> int:
         f"{repo.repo_id} from the Hugging Face cache ({repo.repo_path}, {human_size(repo.size_on_disk)}, "
         f"{len(repo.revisions)} revision(s))"
     )
-    if not confirm(what, yes):
+    if not confirm(_with_prepared(what, entry), yes):
         return 1
     scan_cache_dir().delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
+    _remove_model_prepared(entry)
     print(f"removed {repo.repo_id} ({human_size(repo.size_on_disk)} freed)")
     return 0
 
@@ -76,10 +91,10 @@ def run(args) -> int:
     entry = found[0]
     if entry.where == "hf-cache":
         return _remove_hf(entry, args.yes)
-    if not confirm(
-        f"{entry.name} from zlocal's cache ({entry.path}, {human_size(entry.size_bytes)})", args.yes
-    ):
+    what = f"{entry.name} from zlocal's cache ({entry.path}, {human_size(entry.size_bytes)})"
+    if not confirm(_with_prepared(what, entry), args.yes):
         return 1
     freed = remove_zlocal_model(entry)
-    print(f"removed {entry.name} ({human_size(freed)} freed)", file=sys.stdout)
+    _remove_model_prepared(entry)
+    print(f"removed {entry.name} ({human_size(freed)} freed)")
     return 0
