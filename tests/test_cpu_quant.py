@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import zlocal
-from zlocal.kernels import cpu_kernels, cpu_prompt
+from zlocal.kernels import cpu_kernels, cpu_prompt, cpu_quant
 from zlocal.kernels.cpu_quant import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -396,3 +396,20 @@ def test_gpu_nf4_with_cpu_int4_split(tiny_zephyr, tiny_runtime):
     ref, out = _logits(tiny_runtime, PROSE), _logits(rt, PROSE).cpu()
     assert ((out - ref).norm() / ref.norm()).item() < 0.5
     assert rt.chat([{"role": "user", "content": "hi"}], temperature=0, max_new_tokens=4) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantizing_in_row_blocks_matches_one_pass_and_leaves_the_input(monkeypatch, dtype):
+    # on-load quantization works through a few rows at a time to bound its float32 temporaries
+    w = torch.randn(300, 128).to(dtype)
+    before = w.clone()
+    whole = quantize_int8(w), quantize_int4(w, 32)
+    monkeypatch.setattr(cpu_quant, "_QUANT_BLOCK_ELEMS", 1000)  # 7 rows per block, a ragged last one
+    blocks = quantize_int8(w), quantize_int4(w, 32)
+    for a, b in zip(whole, blocks, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(w, before)
+    w32 = w.float()
+    q, scales = quantize_int8(w32)
+    ref = torch.round(w32 / (w32.abs().amax(dim=1) / 127.0)[:, None]).clamp(-128, 127)
+    assert torch.equal(q.float(), ref) and torch.equal(w32, before.float())

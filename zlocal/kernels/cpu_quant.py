@@ -95,11 +95,29 @@ def kernel_for(linear_shape: tuple[int, int], bits: int, dtype: torch.dtype, gro
     return int4_layout(out_f, in_f, int4_group_size(in_f, group_size), dtype)
 
 
+# Rows quantized at a time: each block's float32 temporaries stay near 16 MiB, so quantizing a
+# 32000x4096 head or a 14336x4096 projection on load does not hold several float32 copies of it
+# (rows are independent, so the result is the same as in one pass).
+_QUANT_BLOCK_ELEMS = 1 << 22
+
+
+def _row_blocks(weight: torch.Tensor):
+    out_f, in_f = weight.shape
+    rows = max(1, _QUANT_BLOCK_ELEMS // max(1, in_f))
+    for lo in range(0, out_f, rows):
+        yield lo, min(out_f, lo + rows)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: returns (int8 [out, in], fp32 scales [out])."""
-    w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    w_all = weight.detach()
+    q = torch.empty(w_all.shape, dtype=torch.int8, device=w_all.device)
+    scales = torch.empty(w_all.shape[0], dtype=torch.float32, device=w_all.device)
+    for lo, hi in _row_blocks(w_all):
+        w = w_all[lo:hi].float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        q[lo:hi] = torch.round(w / s[:, None]).clamp_(-128, 127)  # w may be the caller's tensor: no in-place
+        scales[lo:hi] = s
     return q, scales
 
 
@@ -109,18 +127,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     Returns (int32 codes 0..15 [out, in], scales_and_zeros fp32 [in/group, out, 2]); the kernel
     dequantizes as ``(q - 8) * scale + zero``, so ``zero`` is the value of code 8.
     """
-    w = weight.detach().float()
-    out_f, in_f = w.shape
+    w_all = weight.detach()
+    out_f, in_f = w_all.shape
     if in_f % group_size:
         raise InvalidArgumentError(f"int4 group size {group_size} does not divide in_features {in_f}")
-    wg = w.reshape(out_f, in_f // group_size, group_size)
-    lo = wg.amin(dim=-1, keepdim=True)
-    hi = wg.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
-    q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-    zero = lo + 8.0 * scale
-    scales_and_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
-    return q, scales_and_zeros
+    q = torch.empty(w_all.shape, dtype=torch.int32, device=w_all.device)
+    sz = torch.empty(in_f // group_size, out_f, 2, dtype=torch.float32, device=w_all.device)
+    for lo, hi in _row_blocks(w_all):
+        wg = w_all[lo:hi].float().reshape(hi - lo, in_f // group_size, group_size)
+        low = wg.amin(dim=-1, keepdim=True)
+        scale = ((wg.amax(dim=-1, keepdim=True) - low) / 15.0).clamp(min=1e-8)
+        q[lo:hi] = torch.round((wg - low) / scale).clamp(0, 15).reshape(hi - lo, in_f)
+        zero = low + 8.0 * scale
+        sz[:, lo:hi] = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1)
+    return q, sz
 
 
 class _QuantLinearBase(nn.Module):
