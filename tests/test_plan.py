@@ -314,11 +314,11 @@ def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
     real = loader.load_with_plan
     calls = []
 
-    def flaky(resolved, config, lp):
+    def flaky(resolved, config, lp, *rest):
         calls.append(lp)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(resolved, config, lp)
+        return real(resolved, config, lp, *rest)
 
     monkeypatch.setattr(loader, "load_with_plan", flaky)
     import zlocal.planning.plan_stepdown
@@ -344,7 +344,7 @@ def test_oom_steps_the_plan_down(tiny_zephyr, monkeypatch):
 
 
 def test_oom_with_nothing_left_is_a_plan_error(tiny_zephyr, monkeypatch):
-    def always(resolved, config, lp):
+    def always(resolved, config, lp, *rest):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
 
     monkeypatch.setattr(loader, "load_with_plan", always)
