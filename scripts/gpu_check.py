@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import shutil
@@ -279,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (the test's reduced run)")
     ap.add_argument("--skip-tests", action="store_true", help="skip the pytest stage")
     ap.add_argument("--work", help="where the checkpoint goes (default: a temp dir, removed after)")
+    ap.add_argument("--compile", metavar="BACKEND",
+                    help="torch.compile the decode step with BACKEND (e.g. inductor) before capture")
     args = ap.parse_args(argv)
+    if args.compile:
+        os.environ["ZLOCAL_DECODE_COMPILE"] = args.compile
     import torch
 
     cpu = args.cpu or not torch.cuda.is_available()
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"environment": environment(cpu), "shape": shape, "run": run,
-                    "requested_cpu": args.cpu}
+                    "requested_cpu": args.cpu, "compile_backend": args.compile}
     if not args.skip_tests:
         _stage(report, "gpu_tests", deadline, lambda: run_gpu_tests(cpu, 150 if cpu else 180))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zlocal-gpu-check-"))
