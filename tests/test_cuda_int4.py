@@ -20,6 +20,22 @@ def test_nibbles_round_trip_and_order():
     assert int(packed[0, 0]) == int(codes[0, 0]) * 16 + int(codes[0, 1])  # even index: high nibble
 
 
+def test_packing_meets_the_cuda_ops_contract_on_meta_tensors():
+    """The CUDA ops' shape and dtype checks (their meta kernels) accept what the module hands them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    codes, sz = quantize_int4(torch.randn(256, 512), 128)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        nibbles = mode.from_tensor(to_nibbles(codes))
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+        assert packed.dtype == torch.int32 and packed.shape == (256 // 8, 512 // 128, 32, 4)
+        x = mode.from_tensor(torch.empty(3, 512, dtype=torch.bfloat16))
+        y = torch.ops.aten._weight_int4pack_mm(x, packed, 128, mode.from_tensor(sz.to(torch.bfloat16)))
+        assert y.shape == (3, 256) and y.dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match="uint8"):  # the int32 codes themselves are refused
+            torch.ops.aten._convert_weight_to_int4pack(mode.from_tensor(codes), 8)
+
+
 def test_dequantize_matches_torchs_int4_convention():
     """The CPU int4 kernel computes (q - 8) * scale + zero per group: so must our reference."""
     gen = torch.Generator().manual_seed(0)
