@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from zlocal.checkpoint.resolve import DEFAULT_MODEL
@@ -81,7 +82,7 @@ def read_messages(args: argparse.Namespace) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": args.system}, *messages]
     if prompt is not None:
         messages.append({"role": "user", "content": prompt})
-    return validate_messages(messages)
+    return validate_messages(messages) if messages else []
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -126,10 +127,14 @@ class LoadProgress:
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
+        if event.stage == "ready":
+            self.close()
+            return
         if event.stage != self.stage or self.bar is None:
             self.close()
             self.stage = event.stage
             is_bytes = event.unit == "bytes"
+            size = shutil.get_terminal_size((80, 24))
             self.bar = tqdm(
                 total=event.total or None,
                 desc=event.stage,
@@ -138,11 +143,14 @@ class LoadProgress:
                 unit_divisor=1024,
                 file=sys.stderr,
                 leave=False,
-                dynamic_ncols=True,
+                ncols=min(100, size.columns),
+                nrows=size.lines,  # a pty that reports 0x0 would otherwise hide the bar
             )
         if event.message:
             self.bar.set_postfix_str(event.message, refresh=False)
         self.bar.update(max(0, event.done - self.bar.n))
+        if event.total and event.done >= event.total:
+            self.bar.refresh()  # the last step shows even inside tqdm's minimum redraw interval
 
     def close(self) -> None:
         if self.bar is not None:
