@@ -39,8 +39,9 @@ def _full_logits(model, ids):
 
 def test_prefill_and_decode_match_the_hf_forward_beyond_the_window(tiny_zephyr, hf_ref):
     want = hf_greedy(hf_ref, PROMPT, 30)
-    _, cache, step = _step(tiny_zephyr)
+    _, cache, step = _step(tiny_zephyr, min_span=16)  # spans of 32, then 64 cache positions
     assert step_unsupported(hf_ref) is None and not step.graph and step.crossings == 0
+    assert [step.span(e) for e in (1, 16, 17, 33, 64, 65, 500)] == [16, 16, 32, 64, 64, 128, 128]
     logits = step(PROMPT[:17])  # prefill in two chunks, then one token at a time
     logits = step(PROMPT[17:])
     ref = _full_logits(hf_ref, PROMPT + want)
@@ -114,7 +115,7 @@ def test_captured_graph_matches_eager_on_cuda(tiny_zephyr):
     def build(graph):
         model = reference_model(tiny_zephyr, dtype=torch.bfloat16).cuda()
         cache = KVCache(model.config.num_hidden_layers, 128)
-        return DecodeStep(model, cache, 128, graph=graph), model, cache
+        return DecodeStep(model, cache, 128, graph=graph, min_span=16), model, cache
 
     eager, _, _ = build(False)
     graphed, model, cache = build(None)
@@ -122,6 +123,7 @@ def test_captured_graph_matches_eager_on_cuda(tiny_zephyr):
     first = int(torch.argmax(eager(PROMPT)))
     assert int(torch.argmax(graphed(PROMPT))) == first
     assert graphed.decode(first, 30) == eager.decode(first, 30)
+    assert sorted(graphed._graphs) == [32, 64]  # one graph per span the decode passed through
 
 
 def test_engine_hook_runs_the_step_for_one_token_steps(tiny_zephyr, hf_ref, monkeypatch):

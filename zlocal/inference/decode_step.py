@@ -3,10 +3,12 @@ or compiled on the CPU.
 
 ``DecodeStep`` runs a Llama/Mistral decoder prepared by ``zlocal.inference.prepare`` over the
 engine's preallocated ``KVCache`` with static shapes: the token and its position are device tensors,
-K/V are written with ``index_copy_`` at that position, and attention reads the whole static buffer
-under a mask (causal, plus Mistral's sliding window) instead of a prefix whose length changes every
-step. Nothing in the step reads a value back to the host, so on CUDA it is captured once and each
-token is one ``CUDAGraph.replay()``; picking the token (greedy, or temperature/top-k with a device
+K/V are written with ``index_copy_`` at that position, and attention reads a fixed span of the
+static buffer under a mask (causal, plus Mistral's sliding window) instead of a prefix whose length
+changes every step: spans double from ``MIN_SPAN`` up to the context, one graph each, so a short
+conversation does not read the whole context's cache every token. Nothing in the step reads a
+value back to the host, so on CUDA it is captured once per span and each token is one
+``CUDAGraph.replay()``; picking the token (greedy, or temperature/top-k with a device
 ``torch.Generator``: ``sample_on_device``) stays on the device too, and the one host sync per token is
 the ``.item()`` that streaming and stop checks need.
 
@@ -37,6 +39,8 @@ from zlocal.errors import ContextOverflowError
 from zlocal.inference.fastpath import unsupported_reason
 from zlocal.inference.prepare import prepare_decoder
 
+# the shortest attention span (cache positions) a step reads; spans double up to the context
+MIN_SPAN = 256
 # reasons of fastpath.unsupported_reason this step handles itself (it moves the hidden state)
 _SPLIT_REASONS = ("layers split across devices", "accelerate hooks (offload)")
 
@@ -92,7 +96,7 @@ class DecodeStep:
     """
 
     def __init__(self, model, cache, max_context: int, *, graph: bool | None = None,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, min_span: int = MIN_SPAN):
         cfg = model.config
         self.cache, self.max_context = cache, int(max_context)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -114,7 +118,8 @@ class DecodeStep:
         self._fn = self._run
         if compile_backend is not None:
             self._fn = torch.compile(self._run, backend=compile_backend, dynamic=False)
-        self._captured = None  # (graph, token, position, logits) once captured
+        self.min_span = max(1, int(min_span))
+        self._graphs: dict[int, tuple] = {}  # span -> (graph, token, position, logits), once captured
         self._zeroed: set[int] = set()  # cache buffers (by address) whose unwritten part is zeroed
 
     @torch.inference_mode()
@@ -145,11 +150,21 @@ class DecodeStep:
                 layer.values[:, :, layer.length :].zero_()
                 self._zeroed.add(layer.keys.data_ptr())
 
-    def _masks(self, pos: torch.Tensor) -> dict:
-        """Per device: (positions, cos, sin, mask [group*t, max_context]) for query positions ``pos``."""
+    def span(self, end: int) -> int:
+        """Cache positions a step ending at ``end`` attends over: the smallest power-of-two multiple
+        of ``min_span`` holding them (at most the context), so short contexts read short buffers and
+        a few graphs (one per span) cover every length."""
+        s = self.min_span
+        while s < end:
+            s *= 2
+        return min(s, self.max_context)
+
+    def _masks(self, pos: torch.Tensor, span: int) -> dict:
+        """Per device: (positions, cos, sin, mask [group*t, span]) for query positions ``pos``."""
         out = {}
-        for dev, (cos, sin, k_pos) in self._tables.items():
+        for dev, (cos, sin, positions) in self._tables.items():
             p = pos.to(dev)
+            k_pos = positions[:span]
             mask = k_pos[None, :] <= p[:, None]
             if self.window:
                 mask = mask & (k_pos[None, :] > p[:, None] - self.window)
@@ -157,13 +172,14 @@ class DecodeStep:
             out[dev] = (p, cos.index_select(0, p)[None, :, None], sin.index_select(0, p)[None, :, None], rows)
         return out
 
-    def _run(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Tokens at positions ``pos`` (both [t], device tensors) through every layer; writes K/V at
-        ``pos`` and returns the last position's logits. No host sync (graph-capturable)."""
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """Tokens at positions ``pos`` (both [t], device tensors, all below ``span``) through every
+        layer; writes K/V at ``pos``, attends over cache positions [0, span) under the mask and returns
+        the last position's logits. No host sync (graph-capturable)."""
         t = tokens.shape[0]
         nq, nkv, d, g = self.heads, self.kv_heads, self.head_dim, self.group
         h = self.embed(tokens)[None]
-        per_dev = self._masks(pos)
+        per_dev = self._masks(pos, span)
         for lay, dev, layer in zip(self.layers, self.devices, self.cache.layers, strict=True):
             if h.device != dev:
                 h = h.to(dev)  # a device boundary: the one crossing there
@@ -175,7 +191,7 @@ class DecodeStep:
             layer.keys.index_copy_(2, p, qk[:, :, nq:].transpose(1, 2).to(layer.keys.dtype))
             layer.values.index_copy_(2, p, qkv[:, :, nq + nkv :].transpose(1, 2).to(layer.values.dtype))
             o = F.scaled_dot_product_attention(
-                q, layer.keys, layer.values, attn_mask=mask, scale=lay.attn_scale
+                q, layer.keys[:, :, :span], layer.values[:, :, :span], attn_mask=mask, scale=lay.attn_scale
             )
             o = o.reshape(1, nq, t, d).transpose(1, 2).reshape(1, t, nq * d)
             h = h + lay.o(o)
@@ -205,25 +221,27 @@ class DecodeStep:
             return self.replay(torch.tensor(ids, device=self.embed_device), start).clone()
         tokens = torch.tensor(ids, dtype=torch.long, device=self.embed_device)
         pos = torch.arange(start, start + t, device=self.embed_device)
-        logits = (self._fn if t == 1 else self._run)(tokens, pos)
+        logits = (self._fn if t == 1 else self._run)(tokens, pos, self.span(start + t))
         self._advance(start + t)
         return logits
 
-    def _capture(self) -> None:
+    def _capture(self, span: int) -> tuple:
         dev = self.embed_device
         token = torch.zeros(1, dtype=torch.long, device=dev)
-        # warm-up runs write the last cache slot, which every later step overwrites before reading
-        pos = torch.full((1,), self.max_context - 1, dtype=torch.long, device=dev)
+        # Warm-up runs write slot span - 1, at or past the filled prefix (the span holds the step's
+        # own position): every later step writes a slot before any query reads it.
+        pos = torch.full((1,), span - 1, dtype=torch.long, device=dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # allocator and compile warm-up outside the capture
-                self._fn(token, pos)
+                self._fn(token, pos, span)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._fn(token, pos)
-        self._captured = (graph, token, pos, logits)
+            logits = self._fn(token, pos, span)
+        self._graphs[span] = (graph, token, pos, logits)
+        return self._graphs[span]
 
     @torch.inference_mode()
     def replay(self, token: torch.Tensor, start: int) -> torch.Tensor:
@@ -231,9 +249,8 @@ class DecodeStep:
         returns the graph's static logits buffer (overwritten by the next step)."""
         self._check(start, 1)
         self._init_cache()
-        if self._captured is None:
-            self._capture()
-        graph, tok, pos, logits = self._captured
+        span = self.span(start + 1)
+        graph, tok, pos, logits = self._graphs.get(span) or self._capture(span)
         tok.copy_(token.reshape(1))
         pos.fill_(start)
         graph.replay()
@@ -254,7 +271,8 @@ class DecodeStep:
             else:
                 self._check(start, 1)
                 self._init_cache()
-                logits = self._fn(token, torch.arange(start, start + 1, device=self.embed_device))
+                pos = torch.arange(start, start + 1, device=self.embed_device)
+                logits = self._fn(token, pos, self.span(start + 1))
                 self._advance(start + 1)
             token = sample_on_device(logits, temperature, top_k, generator).to(self.embed_device)
             out.append(int(token.item()))
