@@ -67,6 +67,7 @@ def test_chat_answers_the_last_user_message_of_a_file(tmp_path, tiny_zephyr):
         (["generate", "-p", "hi", "--top-p", "3"], "--top-p must be"),
         (["chat", "-p", "hi", "--max-tokens", "x"], "--max-new-tokens"),
         (["bench", "--max-new-tokens", "1"], "--max-new-tokens"),
+        (["eval", "m", "--reference", "r", "--window", "1"], "--window must be"),
     ],
 )
 def test_errors_name_flags(tmp_path, args, needle):

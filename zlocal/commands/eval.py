@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zlocal.errors import ModelNotFoundError, ZlocalError
+from zlocal.errors import InvalidArgumentError, ModelNotFoundError, ZlocalError
 
 # Hashing a plain (non-HF-cache) shard costs a read of it; past this size its name is trusted.
 _HASH_LIMIT = 2 << 30
@@ -97,6 +97,9 @@ def default_reference(model: str) -> str:
 def run(args) -> int:
     from zlocal.conversion.quality import evaluate
 
+    for flag, value in (("--max-tokens", args.max_tokens), ("--window", args.window)):
+        if value < 2:
+            raise InvalidArgumentError(f"{flag} must be at least 2, got {value}")
     reference = args.reference or default_reference(args.model)
     report = evaluate(
         args.model,
