@@ -178,11 +178,14 @@ def zlocal_speed(rt, ids: list[int], n: int) -> dict:
     """The engine (graph-captured decode step on CUDA) after a warm-up, then the step's own loop."""
     engine = rt.engine
     with engine.without_stop_tokens():
+        t0 = time.perf_counter()
         rt.generate(ids[:16], temperature=0, max_new_tokens=4)  # warm-up: capture, compile
+        warm_up = time.perf_counter() - t0
         engine.reset()
         res = rt.generate(ids, temperature=0, max_new_tokens=n)
     out = {"tokens": res.token_ids, "prefill_tok_s": round(res.prompt_tps, 1),
-           "decode_tok_s": round(res.generation_tps, 1), "decode_step": engine.step is not None}
+           "decode_tok_s": round(res.generation_tps, 1), "decode_step": engine.step is not None,
+           "warm_up_seconds": round(warm_up, 2)}
     if engine.step is not None:  # the same engine without the step: the lean (or HF) forward, eager
         saved, engine.step = engine.step, None
         try:
