@@ -148,6 +148,18 @@ class MappedShard:
         self.release(e)
         return out
 
+    def view(self, name: str) -> torch.Tensor:
+        """The named tensor as a read-only view of the map (no copy): valid until ``close``, never to
+        be written or kept; ``release`` drops its pages once it has been consumed."""
+        e = self.entries[name]
+        dtype = ST_DTYPES[e.dtype]
+        if e.nbytes == 0 or e.start % torch.empty(0, dtype=dtype).element_size():
+            return self.tensor(name)  # an unaligned tensor cannot be viewed in its dtype: copied
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: the caller only reads it
+            view = torch.frombuffer(self._mm, dtype=torch.uint8, count=e.nbytes, offset=e.start)
+        return view.view(dtype).reshape(e.shape)
+
     def release(self, e: TensorEntry) -> None:
         """Drop the mapped pages of one tensor from this process's resident set."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -292,6 +304,15 @@ class TensorStore:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].tensor(name)
+
+    def view(self, name: str) -> torch.Tensor:
+        """The named tensor without a copy (see ``MappedShard.view``); ``release(name)`` after use."""
+        return self._where[name].view(name)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor NAME from the resident set."""
+        shard = self._where[name]
+        shard.release(shard.entries[name])
 
     def get(self, name: str) -> torch.Tensor | None:
         """The named tensor, or None when the checkpoint has none by that name."""

@@ -23,7 +23,11 @@ import torch
 
 # transformers' model base (and the integrations it pulls in: 1-3 s) is imported with the loader, when
 # an app first touches ``zlocal.load``, not inside each load call, which then only builds the model.
+import transformers.generation.utils  # noqa: F401
+import transformers.masking_utils  # noqa: F401
+import transformers.modeling_layers  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
+import transformers.tokenization_utils_tokenizers  # noqa: F401
 
 from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError, InvalidArgumentError, PlanError
@@ -31,7 +35,7 @@ from zlocal.formats import checkpoint_format, get_format
 from zlocal.inference.fastpath import unsupported_reason
 from zlocal.inference.loader_prepared import cache_enabled, load_cached, prepared_key, save_cached
 from zlocal.inference.loader_stream import first_line, is_oom, stream_load
-from zlocal.inference.prepare import prepare_decoder
+from zlocal.inference.prepare import prepare_decoder, release_freed_memory
 from zlocal.progress import report
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}
@@ -283,6 +287,7 @@ def load_for_runtime(
             if prepare:
                 report(progress, "prepare", 0, 1, "steps")
                 _prepare(loaded)  # before the warm-up: packing allocates too
+            release_freed_memory()  # what loading freed: source copies, quantization temporaries
             report(progress, "warm-up", 0, 1, "steps")
             _warm_up(loaded.model)
             if use_cache and (key := prepared_key(resolved, lp)) is not None:
@@ -317,6 +322,10 @@ def _from_cache(resolved, config, lp, progress) -> LoadedModel | None:
     if hit is None:
         return None
     model, note = hit
+    # mapped weights come packed: none of quantizing on load's transient memory
+    from zlocal.planning.memory import ModelShape, load_transient_bytes
+
+    lp.estimated_ram_bytes -= load_transient_bytes(ModelShape.from_config(config), lp.head_format)
     lp.reasons += [note]
     loaded = LoadedModel(model=model, device="cpu", dtype=_PLAN_DTYPES[lp.compute_dtype], device_map={"": "cpu"},
                          max_context=lp.max_context, plan=lp)

@@ -78,8 +78,15 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype, progres
                     f"{resolved.name}: {store.shard_name(key)} holds {key}, which the config does "
                     "not define; the checkpoint and config.json disagree"
                 )
-            _place(model, key, store[key], expected[key], lp=lp, device_map=device_map, dtype=dtype,
-                   set_tensor=set_module_tensor_to_device)
+            # a weight about to be quantized is read straight from the map (its pages dropped after),
+            # so no full-precision copy of it is held in anonymous memory
+            quantized = _quantized_here(model, key, lp, device_map)
+            tensor = store.view(key) if quantized else store[key]
+            _place(model, key, tensor, expected[key], lp=lp, device_map=device_map, dtype=dtype,
+                   set_tensor=set_module_tensor_to_device, owned=not quantized)
+            del tensor
+            if quantized:
+                store.release(key)
             seen.add(key)
             done += store.entry_bytes(key)
             report(progress, "read", done, total)
@@ -104,7 +111,23 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype, progres
     return model, device_map
 
 
-def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> None:
+def _format_of(module_name: str, device: str, lp) -> str | None:
+    """The format a Linear called ``module_name`` on ``device`` is built in (None: dense)."""
+    if ".layers." in f".{module_name}":
+        return lp.gpu_format if device != "cpu" else lp.cpu_format
+    if module_name == "lm_head" and device == "cpu":
+        return lp.head_format
+    return None
+
+
+def _quantized_here(model, key: str, lp, device_map) -> bool:
+    module_name, _, pname = key.rpartition(".")
+    fmt = _format_of(module_name, _device_of(module_name, device_map), lp)
+    return (pname == "weight" and fmt is not None and not get_format(fmt).dense
+            and isinstance(model.get_submodule(module_name), torch.nn.Linear))
+
+
+def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor, owned: bool = True) -> None:
     if tuple(tensor.shape) != tuple(meta.shape):
         raise CheckpointError(
             f"{key} has shape {tuple(tensor.shape)} but the config implies {tuple(meta.shape)}"
@@ -112,8 +135,7 @@ def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> No
     module_name, _, pname = key.rpartition(".")
     module = model.get_submodule(module_name)
     device = _device_of(module_name, device_map)
-    in_layer = ".layers." in f".{module_name}"
-    fmt = (lp.gpu_format if device != "cpu" else lp.cpu_format) if in_layer else None
+    fmt = _format_of(module_name, device, lp)
     if isinstance(module, torch.nn.Linear) and pname == "weight" and fmt is not None:
         new = get_format(fmt).build_linear(
             module, tensor, dtype=dtype, device=device, group_size=lp.group_size
@@ -121,6 +143,8 @@ def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor) -> No
         if new is not None:
             replace_module(model, module_name, new)
             return
+    if not owned:  # a view of the map that the model would keep: copy it
+        tensor = tensor.clone()
     quantized_cpu = module.__class__.__module__.startswith("zlocal.kernels.cpu_quant")
     if not isinstance(module, torch.nn.Linear) and quantized_cpu:
         module.register_buffer(pname, tensor.to(dtype))  # the bias of a quantized CPU Linear

@@ -11,6 +11,8 @@ changes the HF modules after load.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -21,6 +23,23 @@ from zlocal.kernels import cpu_quant
 from zlocal.kernels.dense_kernels import DenseLinear, PackedLinear, _packs, pack_weight
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _libc():
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed C-heap blocks back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). Large tensors freed while loading otherwise stay in the process's resident set."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def _plain(lin) -> bool:
@@ -175,9 +194,15 @@ def prepare_decoder(model) -> PreparedDecoder:
     prepared = _PREPARED.get(model)
     if prepared is None:
         inner = model.model
+        layers = []
+        for layer in inner.layers:
+            layers.append(LayerWeights.of(layer))
+            # the unfused originals just freed stay in the C heap, where the next (larger) fused
+            # weights cannot reuse them: return them per layer, or the heap grows by every fused copy
+            release_freed_memory()
         prepared = PreparedDecoder(
             embed=inner.embed_tokens,
-            layers=[LayerWeights.of(layer) for layer in inner.layers],
+            layers=layers,
             norm=inner.norm,
             lm_head=_head(model),
         )

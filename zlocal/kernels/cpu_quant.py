@@ -121,17 +121,20 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, codes_dtype: torch.dtype = torch.int32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 (min/max per group).
 
-    Returns (int32 codes 0..15 [out, in], scales_and_zeros fp32 [in/group, out, 2]); the kernel
+    Returns (codes 0..15 [out, in] in ``codes_dtype``: int32 for torch's packing, uint8 for zlocal's,
+    a quarter of the bytes in flight; scales_and_zeros fp32 [in/group, out, 2]); the kernel
     dequantizes as ``(q - 8) * scale + zero``, so ``zero`` is the value of code 8.
     """
     w_all = weight.detach()
     out_f, in_f = w_all.shape
     if in_f % group_size:
         raise InvalidArgumentError(f"int4 group size {group_size} does not divide in_features {in_f}")
-    q = torch.empty(w_all.shape, dtype=torch.int32, device=w_all.device)
+    q = torch.empty(w_all.shape, dtype=codes_dtype, device=w_all.device)
     sz = torch.empty(in_f // group_size, out_f, 2, dtype=torch.float32, device=w_all.device)
     for lo, hi in _row_blocks(w_all):
         wg = w_all[lo:hi].float().reshape(hi - lo, in_f // group_size, group_size)
@@ -355,8 +358,9 @@ def quantized_tensors(
         return {"weight": q, "scales": scales.to(dtype)}
     if bits == 4:
         g = int4_group_size(weight.shape[1], group_size)
-        q, sz = quantize_int4(weight, g)
-        if _int4_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal":
+        ours = _int4_layout(layout, weight.shape[0], weight.shape[1], g, dtype) == "zlocal"
+        q, sz = quantize_int4(weight, g, torch.uint8 if ours else torch.int32)
+        if ours:
             sz = cpu_kernels.pack_scales(sz.to(dtype))
             return {"weight": cpu_kernels.pack_int4(q), "scales_and_zeros": sz}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)

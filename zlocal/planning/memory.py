@@ -28,8 +28,12 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 
 # CUDA context (cuBLAS handles, kernels) that torch does not count but nvidia-smi does.
 CUDA_CONTEXT_BYTES = 450 * MIB
-# Host process: python, torch, transformers, tokenizer.
+# Host process: python, torch, transformers, tokenizer. Measured on the 2-core VM with torch and
+# transformers imported and nothing loaded: ~430 MiB anonymous plus ~330 MiB of shared-library pages
+# (file-backed: VmRSS counts them, RssAnon does not); the estimate's KV cache and activations are
+# upper bounds that the first generation does not fill, which the lower figure absorbs.
 HOST_RUNTIME_BYTES = 700 * MIB
+HOST_LIBRARY_BYTES = 330 * MIB
 
 
 @dataclass(frozen=True)
@@ -222,3 +226,18 @@ def estimate(
         est.cpu_activations = act if cpu_layers else act // 4
         est.cpu_overhead = HOST_RUNTIME_BYTES
     return est
+
+
+def load_transient_bytes(shape: ModelShape, head_format: str | None = None) -> int:
+    """Bytes in flight on top of the loaded model while a checkpoint is read and quantized on load.
+
+    Each weight is quantized straight from the mapped checkpoint (its pages dropped once consumed)
+    in row blocks of a few MiB, so what is in flight is the largest weight's codes and their packed
+    copy: about two bytes per weight of the largest matrix quantized, the head when it is
+    quantized, else a decoder projection. A load from the prepared form maps weights already
+    packed and has none of this.
+    """
+    biggest = max(o * i for o, i in shape.linear_shapes())
+    if head_format is not None:
+        biggest = max(biggest, shape.vocab_size * shape.hidden_size)
+    return 2 * biggest

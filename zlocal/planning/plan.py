@@ -22,7 +22,7 @@ from zlocal.formats import (
 )
 from zlocal.planning.hardware import HardwareReport
 from zlocal.planning.loadplan import LoadPlan, head_format_for
-from zlocal.planning.memory import DTYPE_BYTES, GIB, MIB, ModelShape, estimate
+from zlocal.planning.memory import DTYPE_BYTES, GIB, MIB, ModelShape, estimate, load_transient_bytes
 from zlocal.planning.speed import (  # noqa: F401  (the speed model's names, as before it moved)
     CPU_KERNEL_LAYER_OVERHEAD_S,
     CPU_LAYER_OVERHEAD_S,
@@ -116,9 +116,8 @@ def _candidate(spec: _Spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str 
         prefill_chunk=chunk,
         head_format=head_fmt,
     )
-    # streaming load keeps one fp32 source tensor and its quantized copy in flight
-    biggest = max(o * i for o, i in [*shape.linear_shapes(), (shape.vocab_size, shape.hidden_size)])
-    ram = est.ram_bytes + biggest * 4 * 2
+    # the process's peak: the loaded model plus what quantizing it on load keeps in flight
+    ram = est.ram_bytes + load_transient_bytes(shape, head_fmt)
     gpu_q, cpu_q = get_format(gpu_fmt or compute).quality, get_format(cpu_fmt or compute).quality
     quality = (g * gpu_q + (n - g) * cpu_q) / n
     source = source_format(source_quant) if source_quant else (None, None)
