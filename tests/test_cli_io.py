@@ -213,3 +213,20 @@ def test_eval_defaults_its_reference_to_the_recorded_source(tmp_path, tiny_zephy
     assert r.returncode == 2 and len(lines) == 1 and "--reference" in lines[0] and "src-model" in lines[0], (
         r.stderr
     )
+
+
+def test_embedded_conversion_keeps_transformers_bar_off_stderr(tmp_path, monkeypatch, capsys):
+    from zlocal.checkpoint import embedded
+
+    def fake_convert(src, tmp, dtype):
+        print("Converting and de-quantizing GGUF tensors...: 100%|##########| 272/272", file=sys.stderr)
+        for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            (tmp / name).write_text("{}")
+
+    monkeypatch.setenv("ZLOCAL_HOME", str(tmp_path))
+    monkeypatch.setattr(embedded, "gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(embedded, "_convert", fake_convert)
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: object())
+    path = embedded.ensure_embedded_model()
+    assert path == tmp_path / "models" / embedded.EMBEDDED_DIRNAME and (path / "config.json").is_file()
+    assert "Converting" not in capsys.readouterr().err

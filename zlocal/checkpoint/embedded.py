@@ -5,7 +5,10 @@ tokenizer and chat template; later runs load that directory directly.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +18,7 @@ from zlocal.paths import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+log = logging.getLogger("zlocal.embedded")
 
 # Sampling defaults per model, by the last part of its name, repo id or folder (lowercase). They sit
 # over the model's generation_config and zlocal's llama.cpp-like defaults; the user's flags win.
@@ -74,31 +78,42 @@ def ensure_embedded_model(dtype: str = "bfloat16") -> Path:
             "converting the embedded model needs the gguf package: pip install 'zlocal[embedded]'"
         )
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
+    log.warning("zlocal: converting the embedded SmolLM2-135M-Instruct once into %s (about 30 s)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DIRNAME}-", dir=target.parent))
+    # transformers draws its GGUF de-quantizing bar with tqdm straight onto stderr: kept, sent to logging
+    captured = io.StringIO()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        config = gguf_model.config
-        config.quantization_config = None
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = dtype
-        # A fresh model so nothing of the GGUF loader (quantization hooks, metadata) is saved.
-        fresh = LlamaForCausalLM(config)
-        fresh.load_state_dict(gguf_model.state_dict())
-        fresh.to(getattr(torch, dtype))
-        fresh.generation_config = gguf_model.generation_config
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        del gguf_model, fresh
+        with contextlib.redirect_stderr(captured):
+            _convert(src, tmp, dtype)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
+        for line in captured.getvalue().replace("\r", "\n").splitlines()[-3:]:
+            if line.strip():
+                logging.getLogger("transformers").info(line.strip())
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert(src: Path, tmp: Path, dtype: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = gguf_model.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    # A fresh model so nothing of the GGUF loader (quantization hooks, metadata) is saved.
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(gguf_model.state_dict())
+    fresh.to(getattr(torch, dtype))
+    fresh.generation_config = gguf_model.generation_config
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    del gguf_model, fresh
