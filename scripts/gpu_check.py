@@ -4,6 +4,13 @@ random Mistral built there, written to one JSON file.
     python scripts/gpu_check.py --out DIR          # GPU machine: 7B shapes, bf16 / int4 / nf4, offload
     python scripts/gpu_check.py --cpu --out DIR    # here: tiny shapes on the CPU, same stages (~30 s)
 
+On the lent GPU machine (Python 3.12, torch 2.11, transformers 5.17, no network) the newer packages
+come as wheels in the ignored .fixtures/wheels (transformers 5.24.0, huggingface_hub 2.4.0, httpx2,
+tokenizers 0.23.3, safetensors 0.8.0, accelerate 1.15.0, bitsandbytes 0.50.2, psutil 7.2.2; 62 MB),
+with the tokenizer fixture .fixtures/mistral-tokenizer-v1 (3.5 MB), both carried:
+
+    pip install -q --no-index --no-deps .fixtures/wheels/*.whl; python scripts/gpu_check.py --out $OUT
+
 Stages (each recorded, a failing one does not stop the others; a deadline skips what is left):
 1. ``pytest -m gpu`` (on the CPU: only this check's own test files, which then skip);
 2. a random Mistral (7B shapes on the GPU) saved as a bf16 safetensors checkpoint with the Mistral
@@ -81,7 +88,9 @@ def run_gpu_tests(cpu: bool, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files]
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+                           env=env)  # zlocal from this checkout, installed or not
     except subprocess.TimeoutExpired:
         return {"command": " ".join(cmd[1:]), "timed_out": True, "seconds": timeout}
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
