@@ -141,3 +141,13 @@ def test_session_turn_cancelled_before_it_started_is_rolled_back(tiny_runtime):
     out = list(s.stream("Second", cancel=ev, temperature=0, max_new_tokens=2))
     assert [r.finish_reason for r in out] == ["cancelled"]
     assert s.messages == history
+
+
+def test_session_streams_created_together_run_in_order_of_consumption(tiny_runtime):
+    s = tiny_runtime.session()
+    first = s.stream("First", temperature=0, max_new_tokens=2)
+    second = s.stream("Second", temperature=0, max_new_tokens=2)
+    list(first)
+    list(second)  # planned before "First" entered the history: planned again at its start
+    assert [(m["role"], m["content"]) for m in s.messages[::2]] == [("user", "First"), ("user", "Second")]
+    assert len(s.messages) == 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +62,11 @@ def forget_model(model) -> None:
     from zlocal.inference.prepare import _PREPARED
 
     _PREPARED.pop(model, None)
+    # The block-wise prompt kernels keep one bf16 scratch per thread (up to ~8 MB): drop this
+    # thread's. Another thread's goes with that thread (asyncio workers end with their stream).
+    prompt_kernels = sys.modules.get("zlocal.kernels.cpu_prompt")
+    if prompt_kernels is not None:
+        prompt_kernels._scratch.__dict__.pop("buf", None)
 
 
 def return_memory() -> None:

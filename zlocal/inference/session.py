@@ -89,14 +89,16 @@ class ChatSession:
         if grammar is not None:
             sampling["grammar"] = grammar
         turn = {"role": "user", "content": user_text}
-        # Checked now, so a turn that cannot fit fails here rather than on the first next().
-        self._prompt([*self.messages, turn], params.max_new_tokens)
+        # Planned now, so a turn that cannot fit fails here rather than on the first next().
+        planned = (list(self.messages), self._prompt([*self.messages, turn], params.max_new_tokens))
         controls = {"cancel": cancel, "wait": wait, "timeout": timeout}
-        return self._run(turn, params.max_new_tokens, {**sampling, **controls})
+        return self._run(turn, params.max_new_tokens, planned, {**sampling, **controls})
 
-    def _run(self, turn, max_new_tokens, sampling):
+    def _run(self, turn, max_new_tokens, planned, sampling):
         before, dropped_before = self.messages, self.dropped_turns
-        ids, kept, dropped = self._prompt([*before, turn], max_new_tokens)
+        # Plan again only if the history changed between stream() and the first next().
+        same = planned[0] == before
+        ids, kept, dropped = planned[1] if same else self._prompt([*before, turn], max_new_tokens)
         self.messages, self.dropped_turns = kept, dropped_before + dropped
         parts, last, failed = [], None, True
         try:
