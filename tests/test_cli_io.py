@@ -230,3 +230,25 @@ def test_embedded_conversion_keeps_transformers_bar_off_stderr(tmp_path, monkeyp
     path = embedded.ensure_embedded_model()
     assert path == tmp_path / "models" / embedded.EMBEDDED_DIRNAME and (path / "config.json").is_file()
     assert "Converting" not in capsys.readouterr().err
+
+
+def test_library_prints_during_load_go_to_logging(monkeypatch, capsys, caplog):
+    from types import SimpleNamespace
+
+    from zlocal.commands._common import load_runtime
+    from zlocal.inference import runtime
+
+    def load(model, **kw):
+        print("INFO  GPT-QModel banner")  # gptqmodel prints on import, on stdout
+        print("Loading weights: 100%|####| 3/3\rdone", file=sys.stderr)
+        print("zlocal: a note of zlocal's own", file=sys.stderr)
+        return SimpleNamespace(
+            info=SimpleNamespace(model=model, path="/m", source="local"), sampling_defaults={}
+        )
+
+    monkeypatch.setattr(runtime, "load", load)
+    with caplog.at_level("INFO", logger="libraries.output"):
+        load_runtime(_args(quiet=True))
+    out, err = capsys.readouterr()
+    assert out == "" and err == "zlocal: a note of zlocal's own\n"
+    assert "INFO  GPT-QModel banner" in caplog.text and "Loading weights" in caplog.text

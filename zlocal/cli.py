@@ -57,13 +57,14 @@ class _LogHandler(logging.Handler):
     def __init__(self, level: str | None):
         super().__init__(logging.DEBUG if level else logging.WARNING)
         self.everything = bool(level)
+        self.stream = sys.stderr  # the real one, also while the CLI redirects library output
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith("zlocal") and record.levelno >= logging.WARNING:
-            print(record.getMessage().splitlines()[0], file=sys.stderr)
+            print(record.getMessage().splitlines()[0], file=self.stream)
         elif self.everything:
-            print(self.format(record), file=sys.stderr)
+            print(self.format(record), file=self.stream)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

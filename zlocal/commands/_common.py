@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import shutil
 import sys
 
@@ -120,7 +123,8 @@ class LoadProgress:
 
     def __init__(self, model: str, plan) -> None:
         plan_name = plan if isinstance(plan, str) else "given"
-        print(f"loading {model} (plan {plan_name})", file=sys.stderr, flush=True)
+        self.stream = sys.stderr  # the terminal, also while library output is redirected
+        print(f"loading {model} (plan {plan_name})", file=self.stream, flush=True)
         self.bar = None
         self.stage = None
 
@@ -141,7 +145,7 @@ class LoadProgress:
                 unit="B" if is_bytes else f" {event.unit}",
                 unit_scale=is_bytes,
                 unit_divisor=1024,
-                file=sys.stderr,
+                file=self.stream,
                 leave=False,
                 ncols=min(100, size.columns),
                 nrows=size.lines,  # a pty that reports 0x0 would otherwise hide the bar
@@ -156,6 +160,41 @@ class LoadProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class _LibraryOutput(io.TextIOBase):
+    """Stands in for stdout/stderr while a model loads: libraries that print (gptqmodel's banner on
+    stdout, tqdm bars that bypass their library's switch) go to ``logging``; zlocal's own lines
+    ("zlocal: ...") still reach the real stderr."""
+
+    def __init__(self, stderr) -> None:
+        self.stderr = stderr
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).replace("\r", "\n").split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            if line.startswith("zlocal"):
+                print(line, file=self.stderr)
+            elif line.strip():
+                logging.getLogger("libraries.output").info(line.rstrip())
+        return len(text)
+
+
+@contextlib.contextmanager
+def library_output_to_logging():
+    """Within it, Python-level writes to stdout and stderr go through _LibraryOutput."""
+    sink = _LibraryOutput(sys.stderr)
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+    sink.write("\n")
 
 
 def _accepts_progress(fn) -> bool:
@@ -175,17 +214,18 @@ def load_runtime(args: argparse.Namespace):
     if bar is not None and _accepts_progress(load):
         kwargs["progress"] = bar
     try:
-        rt = load(
-            args.model,
-            plan=args.plan,
-            dtype=args.dtype,
-            device=args.device,
-            max_context=args.max_context,
-            chat_template=args.chat_template,
-            allow_pickle=args.allow_pickle,
-            download=args.download,
-            **kwargs,
-        )
+        with library_output_to_logging():
+            rt = load(
+                args.model,
+                plan=args.plan,
+                dtype=args.dtype,
+                device=args.device,
+                max_context=args.max_context,
+                chat_template=args.chat_template,
+                allow_pickle=args.allow_pickle,
+                download=args.download,
+                **kwargs,
+            )
     finally:
         if bar is not None:
             bar.close()
