@@ -7,7 +7,7 @@ LOADS_MODELS = False  # cli: no transformers set-up needed
 
 def register(sub) -> None:
     p = sub.add_parser("cache", help="manage zlocal's cache of prepared forms: `zlocal cache clear`")
-    p.add_argument("action", choices=["clear"], help="clear: delete every prepared form")
+    p.add_argument("action", metavar="ACTION", choices=["clear"], help="clear: delete every prepared form")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
 
