@@ -356,12 +356,15 @@ def make_plan(
         reasons.append(f"context reduced from {want} to {ctx_try} tokens: nothing fits at {want}")
     reasons += _placement_reasons(shape, p, on_gpu_machine=gpu is not None)
     reasons += gpu_lines(hw, p) + [r for r in [split_reason(spec, p)] if r]
-    others = sorted((c for c in cands if c is not p and _fits(c, b)), key=lambda c: -c.quality)[:3]
-    for c in others:
-        reasons.append(
-            f"alternative: {c.gpu_format or '-'} GPU x{c.gpu_layers} / {c.cpu_format or '-'} CPU "
-            f"x{c.cpu_layers}: quality {c.quality:.3f}, {c.predicted_decode_tok_s:.1f} tok/s"
-        )
+    def where(c: LoadPlan) -> str:
+        return f"{c.gpu_format or '-'} GPU x{c.gpu_layers} / {c.cpu_format or '-'} CPU x{c.cpu_layers}"
+
+    # one line per placement (a GPU-only plan comes once per CPU format tried), the chosen one left out
+    lines = dict.fromkeys(
+        f"alternative: {where(c)}: quality {c.quality:.3f}, {c.predicted_decode_tok_s:.1f} tok/s"
+        for c in sorted((c for c in cands if _fits(c, b) and where(c) != where(p)), key=lambda c: -c.quality)
+    )
+    reasons += list(lines)[:3]
     p.reasons = reasons
     return p
 
