@@ -10,6 +10,7 @@ from tests.test_engine import hf_greedy, reference_model
 from zlocal.errors import ContextOverflowError
 from zlocal.inference.decode_step import (
     DecodeStep,
+    _runs,
     crossings,
     for_engine,
     graph_safe,
@@ -91,6 +92,20 @@ def test_sample_on_device():
 def test_crossings_count_boundaries_not_ops():
     assert crossings(["cpu", "cuda:0", "cuda:0", "cuda:0", "cpu", "cpu", "cuda:0"]) == 3
     assert crossings(["cuda:0"] * 5) == 0
+    runs = [(d, lo, len(items)) for d, lo, items in _runs(["cuda", "cuda", "cpu", "cpu", "cpu"])]
+    assert runs == [("cuda", 0, 2), ("cpu", 2, 3)]
+
+
+def test_split_path_matches_the_step(tiny_zephyr):
+    """The split model's one-token path (device runs in turn; on a GPU each run is a captured graph)
+    gives the plain step's tokens; here every run is on the CPU, so it runs eager."""
+    _, _, plain = _step(tiny_zephyr, min_span=16)
+    _, _, split = _step(tiny_zephyr, min_span=16)
+    split.segment_graphs = True
+    assert split.segments == [(torch.device("cpu"), 0, 2)]
+    first = int(torch.argmax(plain(PROMPT)))
+    split(PROMPT)
+    assert split.decode(first, 25) == plain.decode(first, 25)
 
 
 def test_graph_only_for_pytorchs_own_kernels(tiny_zephyr):
@@ -160,7 +175,8 @@ def test_split_step_crosses_once_per_boundary(tiny_zephyr, hf_ref):
                                cpu_format="fp32", gpu_device="cuda:0", compute_dtype="fp32")
     rt = zlocal.load(str(tiny_zephyr), plan=plan, max_context=128)
     step = rt.engine.step
-    assert step is not None and not step.graph and step.crossings == 3
+    assert step is not None and not step.graph and step.crossings == 3 and step.segment_graphs
     with rt.engine.without_stop_tokens():
         got = rt.generate(PROMPT, temperature=0, max_new_tokens=20).token_ids
     assert got == hf_greedy(hf_ref, PROMPT, 20)
+    assert [k[0] for k in step._graphs] == [0]  # layer 0's GPU run, captured (one span of 128)

@@ -24,8 +24,8 @@ HF forward); there the one-call C decode kernel of ``fastpath`` remains the engi
 
 Layers may sit on different devices (a plan that offloads the last layers to the CPU): each device
 gets its own rotary tables, positions and mask once per step, and the hidden state crosses between
-devices once per boundary (``crossings``), not once per op as with accelerate's per-layer hooks.
-Such a split step runs eager (a graph cannot hold CPU work).
+devices once per boundary (``crossings``), not once per op as with accelerate's per-layer hooks. The
+GPU run of layers is captured as its own graph (per span); the CPU layers run eager between replays.
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ def sample_on_device(
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def _runs(devices: list) -> list:
+    """(device, start index, items) for each run of equal consecutive ``devices``."""
+    out, start = [], 0
+    for d, run in itertools.groupby(devices):
+        items = list(run)
+        out.append((d, start, items))
+        start += len(items)
+    return out
+
+
 def _rms(x, w, eps):
     dtype = x.dtype
     x32 = x.to(torch.float32)
@@ -115,6 +125,10 @@ class DecodeStep:
         self._tables = self._rotary_tables(model)
         one_cuda = len(set(path)) == 1 and self.embed_device.type == "cuda"
         self.graph = one_cuda if graph is None else bool(graph)
+        # runs of consecutive layers on one device: (device, first layer, end)
+        self.segments = [(d, lo, lo + len(list(run))) for d, lo, run in _runs(self.devices)]
+        # a split model's GPU runs are captured one graph each (per span); its CPU layers run eager
+        self.segment_graphs = graph is None and not one_cuda and any(d.type == "cuda" for d in self.devices)
         self._fn = self._run
         if compile_backend is not None:
             self._fn = torch.compile(self._run, backend=compile_backend, dynamic=False)
@@ -159,10 +173,12 @@ class DecodeStep:
             s *= 2
         return min(s, self.max_context)
 
-    def _masks(self, pos: torch.Tensor, span: int) -> dict:
-        """Per device: (positions, cos, sin, mask [group*t, span]) for query positions ``pos``."""
+    def _masks(self, pos: torch.Tensor, span: int, devices=None) -> dict:
+        """Per device (all, or ``devices``): (positions, cos, sin, mask [group*t, span]) for query
+        positions ``pos``."""
         out = {}
-        for dev, (cos, sin, positions) in self._tables.items():
+        for dev in devices or self._tables:
+            cos, sin, positions = self._tables[dev]
             p = pos.to(dev)
             k_pos = positions[:span]
             mask = k_pos[None, :] <= p[:, None]
@@ -176,11 +192,15 @@ class DecodeStep:
         """Tokens at positions ``pos`` (both [t], device tensors, all below ``span``) through every
         layer; writes K/V at ``pos``, attends over cache positions [0, span) under the mask and returns
         the last position's logits. No host sync (graph-capturable)."""
-        t = tokens.shape[0]
+        h = self._layers(self.embed(tokens)[None], self._masks(pos, span), 0, len(self.layers), span)
+        return self._head(h)
+
+    def _layers(self, h: torch.Tensor, per_dev: dict, lo: int, hi: int, span: int) -> torch.Tensor:
+        """Layers [lo, hi) on hidden states ``h`` [1, t, hidden] (see ``_run``)."""
+        t = h.shape[1]
         nq, nkv, d, g = self.heads, self.kv_heads, self.head_dim, self.group
-        h = self.embed(tokens)[None]
-        per_dev = self._masks(pos, span)
-        for lay, dev, layer in zip(self.layers, self.devices, self.cache.layers, strict=True):
+        for i in range(lo, hi):
+            lay, dev, layer = self.layers[i], self.devices[i], self.cache.layers[i]
             if h.device != dev:
                 h = h.to(dev)  # a device boundary: the one crossing there
             p, cos, sin, mask = per_dev[dev]
@@ -198,6 +218,9 @@ class DecodeStep:
             x = _rms(h, lay.post_norm, lay.post_eps)
             gate, up = lay.gate_up(x).chunk(2, dim=-1)
             h = h + lay.down(F.silu(gate) * up)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = h[:, -1:].to(self.head_device)
         h = _rms(h, self.norm.weight, self.norm.variance_epsilon)
         return self.lm_head(h)[0, -1]
@@ -217,45 +240,84 @@ class DecodeStep:
         start, t = self.cache.length, len(ids)
         self._check(start, t)
         self._init_cache()
-        if t == 1 and self.graph:
-            return self.replay(torch.tensor(ids, device=self.embed_device), start).clone()
         tokens = torch.tensor(ids, dtype=torch.long, device=self.embed_device)
+        if t == 1:
+            return self.one(tokens, start).clone()
         pos = torch.arange(start, start + t, device=self.embed_device)
-        logits = (self._fn if t == 1 else self._run)(tokens, pos, self.span(start + t))
+        logits = self._run(tokens, pos, self.span(start + t))
         self._advance(start + t)
         return logits
 
-    def _capture(self, span: int) -> tuple:
-        dev = self.embed_device
-        token = torch.zeros(1, dtype=torch.long, device=dev)
-        # Warm-up runs write slot span - 1, at or past the filled prefix (the span holds the step's
-        # own position): every later step writes a slot before any query reads it.
-        pos = torch.full((1,), span - 1, dtype=torch.long, device=dev)
+    @torch.inference_mode()
+    def one(self, token: torch.Tensor, start: int) -> torch.Tensor:
+        """One token (a 1-element tensor on the embedding's device) at position ``start``: through the
+        captured graph, the split path (its GPU segments captured) or the step function. The logits
+        may be a graph's static buffer, overwritten by the next step."""
+        self._check(start, 1)
+        self._init_cache()
+        span = self.span(start + 1)
+        if self.graph:
+            graph, (tok, pos), logits = self._graphs.get(span) or self._capture_full(span)
+            tok.copy_(token.reshape(1))
+            pos.fill_(start)
+            graph.replay()
+        elif self.segment_graphs:
+            logits = self._split_one(token, start, span)
+        else:
+            logits = self._fn(token, torch.arange(start, start + 1, device=self.embed_device), span)
+        self._advance(start + 1)
+        return logits
+
+    def _split_one(self, token: torch.Tensor, start: int, span: int) -> torch.Tensor:
+        """One token through a split model: each run of layers on one device in turn, the hidden state
+        moved once per boundary; runs on a CUDA device replay their captured graph."""
+        h = self.embed(token.reshape(1))[None]
+        for dev, lo, hi in self.segments:
+            h = h.to(dev)
+            if dev.type == "cuda":
+                key = (lo, span)
+                graph, (h_in, pos), h_out = self._graphs.get(key) or self._capture_segment(key, h, dev, hi)
+                h_in.copy_(h)
+                pos.fill_(start)
+                graph.replay()
+                h = h_out
+            else:
+                pos = torch.arange(start, start + 1, device=dev)
+                h = self._layers(h, self._masks(pos, span, [dev]), lo, hi, span)
+        return self._head(h)
+
+    def _capture(self, key, dev, fn, inputs: tuple) -> tuple:
+        """Capture ``fn(*inputs)`` (static input tensors on ``dev``) as a CUDA graph, after two
+        warm-up runs on a side stream; stored under ``key`` as (graph, inputs, output)."""
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # allocator and compile warm-up outside the capture
-                self._fn(token, pos, span)
+                fn(*inputs)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._fn(token, pos, span)
-        self._graphs[span] = (graph, token, pos, logits)
-        return self._graphs[span]
+            out = fn(*inputs)
+        self._graphs[key] = (graph, inputs, out)
+        return self._graphs[key]
 
-    @torch.inference_mode()
-    def replay(self, token: torch.Tensor, start: int) -> torch.Tensor:
-        """One token (a 1-element device tensor) at position ``start`` through the captured graph;
-        returns the graph's static logits buffer (overwritten by the next step)."""
-        self._check(start, 1)
-        self._init_cache()
-        span = self.span(start + 1)
-        graph, tok, pos, logits = self._graphs.get(span) or self._capture(span)
-        tok.copy_(token.reshape(1))
-        pos.fill_(start)
-        graph.replay()
-        self._advance(start + 1)
-        return logits
+    # Warm-up runs write cache slot span - 1, at or past the filled prefix (the span holds the step's
+    # own position): every later step writes a slot before any query reads it.
+    def _capture_full(self, span: int) -> tuple:
+        dev = self.embed_device
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        pos = torch.full((1,), span - 1, dtype=torch.long, device=dev)
+        return self._capture(span, dev, lambda tok, p: self._fn(tok, p, span), (token, pos))
+
+    def _capture_segment(self, key: tuple, h: torch.Tensor, dev, hi: int) -> tuple:
+        lo, span = key
+        h_in = torch.zeros_like(h)
+        pos = torch.full((1,), span - 1, dtype=torch.long, device=dev)
+
+        def segment(x, p):
+            return self._layers(x, self._masks(p, span, [dev]), lo, hi, span)
+
+        return self._capture(key, dev, segment, (h_in, pos))
 
     @torch.inference_mode()
     def decode(self, first: int, steps: int, temperature: float = 0.0, top_k: int = 0,
@@ -265,15 +327,7 @@ class DecodeStep:
         out: list[int] = []
         token = torch.tensor([first], device=self.embed_device)
         for _ in range(steps):
-            start = self.cache.length
-            if self.graph:
-                logits = self.replay(token, start)
-            else:
-                self._check(start, 1)
-                self._init_cache()
-                pos = torch.arange(start, start + 1, device=self.embed_device)
-                logits = self._fn(token, pos, self.span(start + 1))
-                self._advance(start + 1)
+            logits = self.one(token, self.cache.length)
             token = sample_on_device(logits, temperature, top_k, generator).to(self.embed_device)
             out.append(int(token.item()))
             if out[-1] in stop_ids:
@@ -304,6 +358,8 @@ def for_engine(model, cache, max_context: int) -> DecodeStep | None:
     backend = os.environ.get("ZLOCAL_DECODE_COMPILE") or None
     step = DecodeStep(model, cache, max_context, compile_backend=backend)
     mods = [m for lay in step.layers for m in (lay.qkv, lay.o, lay.gate_up, lay.down)]
-    if step.graph and not all(graph_safe(m) for m in mods):
-        return None
+    if not all(graph_safe(m) for m in mods):
+        if step.graph:
+            return None
+        step.segment_graphs = False  # a split step still moves the hidden state once per boundary
     return step

@@ -11,8 +11,8 @@ from zlocal.planning.memory import DTYPE_BYTES, kv_bytes_per_layer
 
 GPU_LAYER_OVERHEAD_S = 0.0003  # python + kernel launches per decoder layer, eager mode
 # the same when the one-token step is a captured CUDA graph (zlocal.inference.decode_step; dense and
-# int4 layers, every layer on the GPU): only the gaps between a layer's kernels. From the anchors,
-# not measured: captured decoders reach 197-241 tok/s on A100/H100 where eager ones stop near 60.
+# int4 layers; a split plan captures its GPU layers): only the gaps between a layer's kernels. From
+# the anchors, not measured: captured decoders reach 197-241 tok/s on A100/H100 where eager ones stop near 60.
 GPU_GRAPH_LAYER_OVERHEAD_S = 0.00003
 # a split plan moves the hidden state between the devices SPLIT_CROSSINGS times per token (embedding
 # on the CPU -> first GPU layer, last GPU layer -> first CPU layer, last CPU layer -> the head on the
@@ -52,7 +52,7 @@ def step_seconds(spec, ctx: int, g: int, gpu_fmt: str | None, cpu_fmt: str | Non
         fmt = get_format(gpu_fmt)
         eff = fmt.gpu_share or 0.6
         per_layer = layer_weight_bytes(shape, gpu_fmt, compute_bytes, bits, group_size)
-        graph = g == n and fmt.in_gpu_graph()  # the captured one-token step (all layers on the GPU)
+        graph = fmt.in_gpu_graph()  # the captured one-token step (a split plan: its GPU layers)
         overhead = GPU_GRAPH_LAYER_OVERHEAD_S if graph else GPU_LAYER_OVERHEAD_S
         out["gpu"] = g * (
             per_layer / (b.gpu_bw * 1e9 * eff) + kv_half / (b.gpu_bw * 1e9 * 0.75) + overhead
@@ -101,8 +101,10 @@ def gpu_lines(hw, p: LoadPlan) -> list[str]:
     if not p.gpu_layers or hw.gpu is None:
         return []
     fmt = get_format(p.gpu_format)
-    if not p.cpu_layers and fmt.in_gpu_graph():
-        how = "each decode step is one captured CUDA graph"
+    if fmt.in_gpu_graph():
+        how = "each decode step is one captured CUDA graph" + (
+            "" if not p.cpu_layers else " for the GPU layers, the CPU layers running between replays"
+        )
     else:
         how = "decode steps launch each layer's kernels from Python"
     line = f"GPU layers run on {fmt.gpu_kernel()}; {how}"
