@@ -70,6 +70,12 @@ class Runtime:
 
     Use it as a context manager (``with zlocal.load(...) as rt:``) or call ``close()`` to free the
     model's memory; a closed Runtime raises RuntimeClosedError.
+
+    One generation runs at a time. A stream (``stream_*``, ``ChatSession.stream``) takes the
+    runtime on its first ``next()`` and gives it back with its last response, on ``close()`` or
+    when dropped. A waiting request from the thread that left a stream half-consumed ends that
+    stream (finish_reason "cancelled") instead of deadlocking; zlocal.inference.runtime_stream
+    has the whole protocol.
     """
 
     def __init__(
