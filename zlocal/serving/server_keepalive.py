@@ -79,6 +79,8 @@ class KeepAliveRuntime:
     def __getattr__(self, name: str):
         # Anything else the server uses (encode, plan_chat, tokenizer, grammars, ...) from the
         # loaded runtime; methods keep it loaded while they run.
+        if name.startswith("__"):  # copy/pickle probes must not load a model
+            raise AttributeError(name)
         with self.using() as rt:
             value = getattr(rt, name)
         if not callable(value):
