@@ -81,11 +81,16 @@ def child_zlocal(model: str, bits: int) -> dict:
     ready = time.perf_counter() - t1
     rt.generate("The capital of France is", max_new_tokens=8, temperature=0)
     out = peaks.stop()
-    return {"imports_and_plan_s": round(imports, 3), "load_s": round(ready, 3),
-            "rss_before_load_gib": round(base["VmRSS"], 3), "anon_before_load_gib": round(base["RssAnon"], 3),
-            "estimated_ram_gib": round(rt.plan.estimated_ram_bytes / 2**30, 3),
-            "prepared": any("mapped from the prepared form" in r for r in rt.plan.reasons),
-            "zlocal": zlocal.__version__, **out}
+    return {
+        "imports_and_plan_s": round(imports, 3),
+        "load_s": round(ready, 3),
+        "rss_before_load_gib": round(base["VmRSS"], 3),
+        "anon_before_load_gib": round(base["RssAnon"], 3),
+        "estimated_ram_gib": round(rt.plan.estimated_ram_bytes / 2**30, 3),
+        "prepared": any("mapped from the prepared form" in r for r in rt.plan.reasons),
+        "zlocal": zlocal.__version__,
+        **out,
+    }
 
 
 def child_llama(gguf: str) -> dict:
@@ -100,13 +105,18 @@ def child_llama(gguf: str) -> dict:
     ready = time.perf_counter() - t1
     m.create_completion("The capital of France is", max_tokens=8, temperature=0)
     out = peaks.stop()
-    return {"imports_s": round(imports, 3), "load_s": round(ready, 3),
-            "rss_before_load_gib": round(base["VmRSS"], 3), **out}
+    return {
+        "imports_s": round(imports, 3),
+        "load_s": round(ready, 3),
+        "rss_before_load_gib": round(base["VmRSS"], 3),
+        **out,
+    }
 
 
 def run_child(*args: str, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"bench_load: child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,20 +133,37 @@ def gguf_for(model_dir: Path, name: str, bits: int, gguf_dir: Path) -> Path:
     if not q8.exists():
         src = llama_cpp_source(gguf_dir.parent / "llama-cpp-src")
         tmp = q8.with_suffix(".tmp")
-        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "q8_0",
-                        "--outfile", str(tmp)], check=True, env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(src / "convert_hf_to_gguf.py"),
+                str(model_dir),
+                "--outtype",
+                "q8_0",
+                "--outfile",
+                str(tmp),
+            ],
+            check=True,
+            env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
+            stdout=subprocess.DEVNULL,
+        )
         tmp.rename(q8)
     if bits == 8:
         return q8
     q4 = gguf_dir / f"{name}-q4_0.gguf"
     if not q4.exists():
         tmp = q4.with_suffix(".tmp")
-        code = ("import llama_cpp as l, sys\np = l.llama_model_quantize_default_params()\n"
-                "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True; p.nthread = 2\n"
-                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n")
-        subprocess.run([sys.executable, "-c", code, str(q8), str(tmp)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        code = (
+            "import llama_cpp as l, sys\np = l.llama_model_quantize_default_params()\n"
+            "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True; p.nthread = 2\n"
+            "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(q8), str(tmp)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         tmp.rename(q4)
     return q4
 
@@ -147,22 +174,32 @@ def bench_model(model: str, bits: int, args, env: dict) -> dict:
     model_dir = Path(resolve_model(model).path)
     name = model_dir.name
     prepared_root = Path(env["ZLOCAL_PREPARED_DIR"])
-    for entry in prepared_root.glob("*"):  # the cold run quantizes from the checkpoint
-        if entry.is_dir() and json.loads((entry / "prepared.json").read_text()).get("source") == str(model_dir):
-            if json.loads((entry / "prepared.json").read_text()).get("bits") == bits:
-                shutil.rmtree(entry)
+    for entry in prepared_root.glob("*/prepared.json"):  # the cold run quantizes from the checkpoint
+        meta = json.loads(entry.read_text())
+        if meta.get("source") == str(model_dir) and meta.get("bits") == bits:
+            shutil.rmtree(entry.parent)
     print(f"[{name} {bits}-bit] from the checkpoint ...", file=sys.stderr, flush=True)
     cold = run_child("zlocal", model, str(bits), env=env)
     warm = [run_child("zlocal", model, str(bits), env=env) for _ in range(args.repeats)]
     gguf = gguf_for(model_dir, name, bits, Path(args.gguf_dir))
     llama = [run_child("llama", str(gguf), env=env) for _ in range(args.repeats + 1)][1:]
     med = statistics.median
-    res = {"from_source": cold, "prepared": warm, "llama_cpp": llama, "gguf": gguf.name,
-           "prepared_load_s": med(r["load_s"] for r in warm), "llama_cpp_load_s": med(r["load_s"] for r in llama)}
+    res = {
+        "from_source": cold,
+        "prepared": warm,
+        "llama_cpp": llama,
+        "gguf": gguf.name,
+        "prepared_load_s": med(r["load_s"] for r in warm),
+        "llama_cpp_load_s": med(r["load_s"] for r in llama),
+    }
     res["prepared_minus_llama_cpp_s"] = round(res["prepared_load_s"] - res["llama_cpp_load_s"], 3)
-    print(f"  load: from the checkpoint {cold['load_s']} s, prepared {res['prepared_load_s']} s, "
-          f"llama.cpp {res['llama_cpp_load_s']} s; peak VmRSS {cold['peak_VmRSS_gib']} / "
-          f"{warm[-1]['peak_VmRSS_gib']} GiB vs estimate {cold['estimated_ram_gib']}", file=sys.stderr, flush=True)
+    print(
+        f"  load: from the checkpoint {cold['load_s']} s, prepared {res['prepared_load_s']} s, "
+        f"llama.cpp {res['llama_cpp_load_s']} s; peak VmRSS {cold['peak_VmRSS_gib']} / "
+        f"{warm[-1]['peak_VmRSS_gib']} GiB vs estimate {cold['estimated_ram_gib']}",
+        file=sys.stderr,
+        flush=True,
+    )
     return res
 
 
@@ -172,8 +209,12 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m", help="comma list of model names or checkpoint dirs")
     ap.add_argument("--bits", default="4,8")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gguf-dir", default=None, help="where the GGUF files are made (default: zlocal's bench cache)")
-    ap.add_argument("--prepared-dir", default=None, help="the prepared-form cache to use (default: the bench's own)")
+    ap.add_argument(
+        "--gguf-dir", default=None, help="where the GGUF files are made (default: zlocal's bench cache)"
+    )
+    ap.add_argument(
+        "--prepared-dir", default=None, help="the prepared-form cache to use (default: the bench's own)"
+    )
     ap.add_argument("--out", default="bench-results/load.json")
     args = ap.parse_args()
     if args.child:

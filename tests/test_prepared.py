@@ -34,8 +34,9 @@ def _load(path, fmt, *, cache=True, events=None):
     resolved = resolve_model(str(path))
     config = load_config(resolved)
     plan = cpu_plan(str(path), fmt, dtype="bfloat16")
-    return load_for_runtime(resolved, config, plan=plan, cache=cache,
-                            progress=None if events is None else events.append)
+    return load_for_runtime(
+        resolved, config, plan=plan, cache=cache, progress=None if events is None else events.append
+    )
 
 
 def _greedy(model, n=6):

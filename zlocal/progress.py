@@ -37,8 +37,14 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def report(callback: ProgressCallback | None, stage: str, done: int, total: int, unit: str = "bytes",
-           message: str = "") -> None:
+def report(
+    callback: ProgressCallback | None,
+    stage: str,
+    done: int,
+    total: int,
+    unit: str = "bytes",
+    message: str = "",
+) -> None:
     """Send one event to ``callback`` (nothing when it is None)."""
     if callback is not None:
         callback(Progress(stage, int(done), int(total), unit, message))

@@ -72,7 +72,9 @@ def _entry(folder: Path) -> PreparedEntry | None:
             bits=int(meta.get("bits", 0)),
             size_bytes=size,
             created=float(meta.get("created", 0.0)),
-            last_used=weights.stat().st_atime if not (folder / "used").exists() else (folder / "used").stat().st_mtime,
+            last_used=weights.stat().st_atime
+            if not (folder / "used").exists()
+            else (folder / "used").stat().st_mtime,
         )
     except (OSError, ValueError, TypeError, AttributeError):
         return None

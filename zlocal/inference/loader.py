@@ -23,10 +23,10 @@ import torch
 
 # transformers' model base (and the integrations it pulls in: 1-3 s) is imported with the loader, when
 # an app first touches ``zlocal.load``, not inside each load call, which then only builds the model.
-import transformers.generation.utils  # noqa: F401
-import transformers.masking_utils  # noqa: F401
-import transformers.modeling_layers  # noqa: F401
-import transformers.modeling_utils  # noqa: F401
+import transformers.generation.utils
+import transformers.masking_utils
+import transformers.modeling_layers
+import transformers.modeling_utils
 import transformers.tokenization_utils_tokenizers  # noqa: F401
 
 from zlocal.checkpoint.resolve import ResolvedModel
@@ -327,8 +327,14 @@ def _from_cache(resolved, config, lp, progress) -> LoadedModel | None:
 
     lp.estimated_ram_bytes -= load_transient_bytes(ModelShape.from_config(config), lp.head_format)
     lp.reasons += [note]
-    loaded = LoadedModel(model=model, device="cpu", dtype=_PLAN_DTYPES[lp.compute_dtype], device_map={"": "cpu"},
-                         max_context=lp.max_context, plan=lp)
+    loaded = LoadedModel(
+        model=model,
+        device="cpu",
+        dtype=_PLAN_DTYPES[lp.compute_dtype],
+        device_map={"": "cpu"},
+        max_context=lp.max_context,
+        plan=lp,
+    )
     report(progress, "warm-up", 0, 1, "steps")
     _warm_up(model)
     report(progress, "ready", 1, 1, "steps")

@@ -58,8 +58,14 @@ def prepared_key(resolved, lp) -> str | None:
         return None
     what = {
         "source": _source_identity(Path(resolved.path)),
-        "weights": [lp.cpu_format, lp.group_size, lp.compute_dtype, lp.head_format, lp.source_format,
-                    lp.source_bits],
+        "weights": [
+            lp.cpu_format,
+            lp.group_size,
+            lp.compute_dtype,
+            lp.head_format,
+            lp.source_format,
+            lp.source_bits,
+        ],
         "kernels": _kernel_build(),
         "versions": [zlocal.__version__, torch.__version__],
     }
@@ -81,7 +87,10 @@ def load_cached(resolved, config, lp, key: str, progress=None):
         shutil.rmtree(folder, ignore_errors=True)
         return None
     prepared_cache.touch(folder)
-    return model, f"weights mapped from the prepared form {key} ({doc['size'] / 2**30:.2f} GiB, zlocal's cache)"
+    return (
+        model,
+        f"weights mapped from the prepared form {key} ({doc['size'] / 2**30:.2f} GiB, zlocal's cache)",
+    )
 
 
 def save_cached(model, resolved, lp, key: str, progress=None) -> str | None:
@@ -97,17 +106,27 @@ def save_cached(model, resolved, lp, key: str, progress=None) -> str | None:
     try:
         prepared = prepare_decoder(model)
         _, tensors = describe(model, prepared)
-        size = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t
-                                                          for t in tensors.values()}.values())
+        size = sum(
+            t.untyped_storage().nbytes()
+            for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values()
+        )
         root.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(root).free < size + (2 << 30):
-            log.info("zlocal: not caching the prepared form of %s: less than its size + 2 GiB free", resolved.name)
+            log.info(
+                "zlocal: not caching the prepared form of %s: less than its size + 2 GiB free", resolved.name
+            )
             return None
         if not prepared_cache.evict_for(size, keep=key):
             log.info("zlocal: not caching the prepared form of %s: larger than the cache cap", resolved.name)
             return None
-        meta = {"model": resolved.name, "source": str(resolved.path), "format": lp.cpu_format,
-                "bits": _bits(lp), "compute_dtype": _dtype_tag(lp.compute_dtype), "key": key}
+        meta = {
+            "model": resolved.name,
+            "source": str(resolved.path),
+            "format": lp.cpu_format,
+            "bits": _bits(lp),
+            "compute_dtype": _dtype_tag(lp.compute_dtype),
+            "key": key,
+        }
         written = save_prepared(folder, model, prepared, meta, progress)
     except NotPreparable as exc:
         log.info("zlocal: no prepared form for %s: %s", resolved.name, exc)

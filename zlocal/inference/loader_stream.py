@@ -12,6 +12,7 @@ from zlocal.checkpoint.checkpoint_io import TensorStore
 from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError
 from zlocal.formats import get_format
+from zlocal.inference.prepare import release_freed_memory
 from zlocal.progress import report
 
 
@@ -82,11 +83,21 @@ def stream_load(resolved: ResolvedModel, config, lp, dtype: torch.dtype, progres
             # so no full-precision copy of it is held in anonymous memory
             quantized = _quantized_here(model, key, lp, device_map)
             tensor = store.view(key) if quantized else store[key]
-            _place(model, key, tensor, expected[key], lp=lp, device_map=device_map, dtype=dtype,
-                   set_tensor=set_module_tensor_to_device, owned=not quantized)
+            _place(
+                model,
+                key,
+                tensor,
+                expected[key],
+                lp=lp,
+                device_map=device_map,
+                dtype=dtype,
+                set_tensor=set_module_tensor_to_device,
+                owned=not quantized,
+            )
             del tensor
-            if quantized:
+            if quantized:  # its source pages, and the heap its temporaries used, go back now
                 store.release(key)
+                release_freed_memory()
             seen.add(key)
             done += store.entry_bytes(key)
             report(progress, "read", done, total)
@@ -123,8 +134,12 @@ def _format_of(module_name: str, device: str, lp) -> str | None:
 def _quantized_here(model, key: str, lp, device_map) -> bool:
     module_name, _, pname = key.rpartition(".")
     fmt = _format_of(module_name, _device_of(module_name, device_map), lp)
-    return (pname == "weight" and fmt is not None and not get_format(fmt).dense
-            and isinstance(model.get_submodule(module_name), torch.nn.Linear))
+    return (
+        pname == "weight"
+        and fmt is not None
+        and not get_format(fmt).dense
+        and isinstance(model.get_submodule(module_name), torch.nn.Linear)
+    )
 
 
 def _place(model, key, tensor, meta, *, lp, device_map, dtype, set_tensor, owned: bool = True) -> None:

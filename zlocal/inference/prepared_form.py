@@ -42,9 +42,14 @@ class NotPreparable(Exception):
 
 
 def _quant_spec(m: nn.Module) -> dict:
-    spec = {"kind": "int4" if isinstance(m, Int4WeightOnlyLinear) else "int8", "in": m.in_features,
-            "out": m.out_features, "bias": m.bias is not None, "dtype": dtype_name(m.dtype),
-            "layout": m.layout}
+    spec = {
+        "kind": "int4" if isinstance(m, Int4WeightOnlyLinear) else "int8",
+        "in": m.in_features,
+        "out": m.out_features,
+        "bias": m.bias is not None,
+        "dtype": dtype_name(m.dtype),
+        "layout": m.layout,
+    }
     if isinstance(m, Int4WeightOnlyLinear):
         spec["group_size"] = m.group_size
     return spec
@@ -84,11 +89,16 @@ def describe(model: nn.Module, prepared) -> tuple[dict, dict[str, torch.Tensor]]
             raise NotPreparable(f"{name} is a {type(m).__name__}")
     if not modules:
         raise NotPreparable("no layer runs on zlocal's int4/int8 modules")
-    for key, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    for key, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
         tensors[key] = t
     layers = []
     for i, lw in enumerate(prepared.layers):
-        layers.append({p: _projection_spec(getattr(lw, p), names, f"prepared.{i}.{p}", tensors) for p in _PROJECTIONS})
+        layers.append(
+            {p: _projection_spec(getattr(lw, p), names, f"prepared.{i}.{p}", tensors) for p in _PROJECTIONS}
+        )
     head = prepared.lm_head
     if id(head) not in names:
         raise NotPreparable("the head is not a module of the model")
@@ -109,8 +119,13 @@ def _storages(tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dic
         if ptr not in index:
             index[ptr] = len(blobs)
             blobs.append(torch.empty(0, dtype=torch.uint8).set_(st))
-        where[name] = {"blob": index[ptr], "dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                       "stride": list(t.stride()), "offset": t.storage_offset()}
+        where[name] = {
+            "blob": index[ptr],
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "stride": list(t.stride()),
+            "offset": t.storage_offset(),
+        }
     return blobs, where
 
 
@@ -132,9 +147,15 @@ def save_prepared(folder: Path, model: nn.Module, prepared, meta: dict, progress
                 f.write(memoryview(b.numpy()))
                 report(progress, "save", off + b.numel(), pos, message=f"storage {i + 1}/{len(blobs)}")
             f.truncate(pos)
-        doc = {**meta, "form_version": FORM_VERSION, "created": time.time(), "size": pos,
-               "blobs": [{"offset": o, "bytes": b.numel()} for o, b in zip(offsets, blobs, strict=True)],
-               "tensors": where, **record}
+        doc = {
+            **meta,
+            "form_version": FORM_VERSION,
+            "created": time.time(),
+            "size": pos,
+            "blobs": [{"offset": o, "bytes": b.numel()} for o, b in zip(offsets, blobs, strict=True)],
+            "tensors": where,
+            **record,
+        }
         (tmp / ENTRY_META).write_text(json.dumps(doc))
         os.replace(tmp, folder)
     except BaseException:
@@ -162,8 +183,11 @@ def _mapped_tensors(folder: Path, doc: dict) -> dict[str, torch.Tensor]:
             blob = doc["blobs"][w["blob"]]
             item = torch.empty(0, dtype=dtype).element_size()
             count = blob["bytes"] // item
-            bases[key] = (torch.frombuffer(mm, dtype=dtype, count=count, offset=blob["offset"]) if count
-                          else torch.empty(0, dtype=dtype))
+            bases[key] = (
+                torch.frombuffer(mm, dtype=dtype, count=count, offset=blob["offset"])
+                if count
+                else torch.empty(0, dtype=dtype)
+            )
         out[name] = bases[key].as_strided(w["shape"], w["stride"], w["offset"])
     return out
 
@@ -254,19 +278,33 @@ def load_prepared(folder: Path, config, progress=None):
         if not name.startswith("prepared."):
             _assign(model, name, value)
     for m in model.modules():
-        if "codes" in getattr(m, "_buffers", {}) and m._buffers["codes"] is not None and m._buffers["codes"].is_meta:
+        if (
+            "codes" in getattr(m, "_buffers", {})
+            and m._buffers["codes"] is not None
+            and m._buffers["codes"].is_meta
+        ):
             m._buffers["codes"] = None
     inner = model.model
     layers = []
     for hf_layer, specs in zip(inner.layers, doc["layers"], strict=True):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         proj = {p: _projection(specs[p], model, tensors) for p in _PROJECTIONS}
-        layers.append(LayerWeights(
-            input_norm=hf_layer.input_layernorm.weight, input_eps=hf_layer.input_layernorm.variance_epsilon,
-            attn_scale=attn.scaling, post_norm=hf_layer.post_attention_layernorm.weight,
-            post_eps=hf_layer.post_attention_layernorm.variance_epsilon, **proj))
+        layers.append(
+            LayerWeights(
+                input_norm=hf_layer.input_layernorm.weight,
+                input_eps=hf_layer.input_layernorm.variance_epsilon,
+                attn_scale=attn.scaling,
+                post_norm=hf_layer.post_attention_layernorm.weight,
+                post_eps=hf_layer.post_attention_layernorm.variance_epsilon,
+                **proj,
+            )
+        )
         del mlp
-    register_prepared(model, PreparedDecoder(
-        embed=inner.embed_tokens, layers=layers, norm=inner.norm, lm_head=model.get_submodule(doc["head"])))
+    register_prepared(
+        model,
+        PreparedDecoder(
+            embed=inner.embed_tokens, layers=layers, norm=inner.norm, lm_head=model.get_submodule(doc["head"])
+        ),
+    )
     model.eval()
     return model, doc

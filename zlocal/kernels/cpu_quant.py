@@ -304,8 +304,11 @@ class Int4WeightOnlyLinear(_QuantLinearBase):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size
         # Only zlocal's kernels read a code table; torch's int4 kernels know the integers 0..15.
-        self._use_layout(_int4_layout("zlocal" if codes is not None else layout, out_features, in_features,
-                                      group_size, dtype))
+        self._use_layout(
+            _int4_layout(
+                "zlocal" if codes is not None else layout, out_features, in_features, group_size, dtype
+            )
+        )
         # the values codes 0..15 stand for (cpu_kernels.code_table); None: the integers themselves
         table = None if codes is None else cpu_kernels.code_table(codes)
         self.register_buffer("codes", table, persistent=False)
