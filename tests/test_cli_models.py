@@ -115,7 +115,7 @@ def test_rm_names_what_it_deletes_in_the_hf_cache(caches):
     assert r.returncode == 0, r.stderr
     assert "org/gptq-model from the Hugging Face cache" in r.stderr
     assert not (hub / "models--org--gptq-model" / "snapshots" / COMMIT).exists()
-    assert (hub / "models--org--nf4-model").is_dir()
+    assert (hub / "models--org--nf4-model" / "snapshots" / COMMIT / "config.json").is_file()  # same commit id
     r = _run(env, "rm", "smollm2-135m", "-y")
     assert r.returncode == 0 and not (home / "models" / "smollm2-135m-instruct").exists(), r.stderr
     assert "and its 1 prepared form" in r.stderr and not entry.exists()

@@ -3,6 +3,8 @@ a model of zlocal's cache, or a repo of the Hugging Face cache, after confirmati
 
 from __future__ import annotations
 
+import shutil
+
 from zlocal.errors import InvalidArgumentError
 
 LOADS_MODELS = False  # cli: no transformers set-up needed
@@ -65,7 +67,8 @@ def _remove_hf(entry, yes: bool) -> int:
     )
     if not confirm(_with_prepared(what, entry), yes):
         return 1
-    scan_cache_dir().delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
+    # the whole repo folder: delete_revisions() goes by commit hash, which two repos may share
+    shutil.rmtree(repo.repo_path)
     _remove_model_prepared(entry)
     print(f"removed {repo.repo_id} ({human_size(repo.size_on_disk)} freed)")
     return 0
