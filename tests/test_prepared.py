@@ -141,8 +141,8 @@ def test_record_names_every_module(model_copy, prep_dir):
     _load(model_copy, "int4")
     (entry,) = prepared_cache.list_prepared()
     doc = json.loads((prepared_cache.Path(entry.path) / prepared_cache.ENTRY_META).read_text())
-    assert doc["modules"]["model.layers.0.self_attn.q_proj"]["kind"] == "int4"
-    assert doc["modules"]["lm_head"]["kind"] == "int8"
+    assert doc["modules"]["model.layers.0.self_attn.q_proj"]["kind"] == "Int4WeightOnlyLinear"
+    assert doc["modules"]["lm_head"]["kind"] == "Int8WeightOnlyLinear"
     assert "fused" in doc["layers"][0]["qkv"] and "module" in doc["layers"][0]["o"]
     blobs = doc["blobs"]
     assert all(b["offset"] % 4096 == 0 for b in blobs)

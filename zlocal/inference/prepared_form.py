@@ -34,7 +34,7 @@ from zlocal.progress import report
 FORM_VERSION = 1
 _ALIGN = 4096
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
-_QUANT = {"int4": Int4WeightOnlyLinear, "int8": Int8WeightOnlyLinear}
+_QUANT = {cls.__name__: cls for cls in (Int4WeightOnlyLinear, Int8WeightOnlyLinear)}
 
 
 class NotPreparable(Exception):
@@ -43,7 +43,7 @@ class NotPreparable(Exception):
 
 def _quant_spec(m: nn.Module) -> dict:
     spec = {
-        "kind": "int4" if isinstance(m, Int4WeightOnlyLinear) else "int8",
+        "kind": type(m).__name__,
         "in": m.in_features,
         "out": m.out_features,
         "bias": m.bias is not None,
@@ -215,7 +215,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _quant_module(spec: dict) -> nn.Module:
     cls = _QUANT[spec["kind"]]
     args = [spec["in"], spec["out"], spec["bias"], ST_DTYPES[spec["dtype"]]]
-    if spec["kind"] == "int4":
+    if "group_size" in spec:
         args.append(spec["group_size"])
     with torch.device("meta"):  # the buffers are the mapped tensors, assigned next
         return cls(*args, layout=spec["layout"])
