@@ -57,8 +57,12 @@ class _LogHandler(logging.Handler):
     def __init__(self, level: str | None):
         super().__init__(logging.DEBUG if level else logging.WARNING)
         self.everything = bool(level)
-        self.stream = sys.stderr  # the real one, also while the CLI redirects library output
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def stream(self):
+        # the process's own stderr, also while the CLI redirects library output (load_runtime)
+        return sys.__stderr__ or sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith("zlocal") and record.levelno >= logging.WARNING:
@@ -83,7 +87,8 @@ def _route_logging() -> None:
     """
     level = os.environ.get("ZLOCAL_LOG", "").strip().upper() or None
     root = logging.getLogger()
-    root.handlers[:] = [_LogHandler(level)]
+    # one of ours (main() may run more than once in a process), beside any handler already there
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _LogHandler)] + [_LogHandler(level)]
     root.setLevel(level if level in logging.getLevelNamesMapping() else logging.WARNING)
     warnings.showwarning = _show_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
