@@ -30,6 +30,7 @@ from zlocal.conversion.convert_output import TMP_MARK, check_disk, check_output,
 from zlocal.conversion.quantize_gptq import GPTAQ_ALPHA
 from zlocal.errors import CheckpointError, ConversionError, InvalidArgumentError, ZlocalError
 from zlocal.formats import convert_format, convert_methods
+from zlocal.progress import report as report_progress
 
 METHODS = convert_methods()  # method -> bits
 CONVERTIBLE_TYPES = {"mistral", "llama", "qwen2"}
@@ -225,14 +226,19 @@ def convert(
     evaluate: bool = True,
     quiet: bool = False,
     max_shard_bytes: int | None = None,
+    progress=None,
 ) -> ConvertResult:
-    """Quantize SRC into OUT with ``method`` (nf4, fp4, int8, gptq4, gptq8); see the module doc."""
+    """Quantize SRC into OUT with ``method`` (nf4, fp4, int8, gptq4, gptq8); see the module doc.
+
+    ``progress``: a callback receiving ``zlocal.progress.Progress`` events: ``convert`` (source bytes
+    written; GPTQ: its start and end), ``quality`` (the report's start and end), ``ready``."""
     from zlocal.checkpoint.resolve import resolve_model
 
     t0 = time.time()
     bits = _check_options(method, samples, seq_len, calibration, eval_text)
     opts = ConversionOptions(group_size, samples, seq_len, calibration, sym, tune_epochs)
     conversion = convert_format(method).conversion(method, bits)
+    conversion.progress = progress
     conversion.check_options(opts)
     resolved = resolve_model(src, allow_pickle=allow_pickle)
     src_path = resolved.path
@@ -257,7 +263,9 @@ def convert(
         if evaluate:
             from zlocal.conversion.quality import evaluate as run_eval
 
+            report_progress(progress, "quality", 0, 1, "steps")
             report = run_eval(tmp, src_path, text=eval_text, quiet=quiet, allow_pickle=allow_pickle)
+            report_progress(progress, "quality", 1, 1, "steps")
             quality = report.to_dict()
             if not quiet:
                 print(report.table(), file=sys.stderr)
@@ -276,6 +284,7 @@ def convert(
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         ) from exc
     m = read_manifest(out_path)
+    report_progress(progress, "ready", 1, 1, "steps", str(out_path))
     return ConvertResult(
         out=str(out_path),
         method=method,

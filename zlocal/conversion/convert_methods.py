@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from zlocal.checkpoint.checkpoint_io import DEFAULT_MAX_SHARD_BYTES
 from zlocal.errors import InvalidArgumentError
+from zlocal.progress import report
 
 
 @dataclass
@@ -37,6 +39,7 @@ class BnbConversion:
     method: str
     bits: int
     plan = None  # no calibration plan: the manifest records none
+    progress: Callable | None = None  # zlocal.progress events, per tensor written
 
     def check_options(self, opts: ConversionOptions) -> None:
         """Refuse options this method does not take."""
@@ -65,7 +68,7 @@ class BnbConversion:
         if resolved.weights_format == "pickle":
             parsed = _pickle_to_safetensors(shards, tmp)
         total = sum(e.nbytes for _, ents in parsed for e in ents.values())
-        with ByteProgress(total, len(flat), self.method, quiet) as tick:
+        with ByteProgress(total, len(flat), self.method, quiet, self.progress) as tick:
             quantize_bnb(
                 parsed,
                 tmp,
@@ -88,6 +91,7 @@ class GptqConversion:
     method: str
     bits: int
     plan: object = None  # the checked GptqPlan, once prepared
+    progress: Callable | None = None  # zlocal.progress events (gptqmodel reports no finer steps)
 
     def check_options(self, opts: ConversionOptions) -> None:
         """GPTQ takes every option; their values are checked when the plan is made."""
@@ -119,6 +123,7 @@ class GptqConversion:
         from zlocal.conversion.convert import _compute_dtype, _copy_aux_files
         from zlocal.conversion.quantize_gptq import quantize_gptq
 
+        report(self.progress, "convert", 0, 1, "steps", f"GPTQ {self.bits}-bit")
         tuning = quantize_gptq(
             resolved.path,
             tmp,
@@ -128,6 +133,7 @@ class GptqConversion:
             allow_pickle=resolved.weights_format == "pickle",
         )
         _copy_aux_files(resolved.path, tmp, keep_existing=True)
+        report(self.progress, "convert", 1, 1, "steps", f"GPTQ {self.bits}-bit")
         if tuning is not None and not quiet:
             print(
                 f"scale tuning: held-out KL {tuning.heldout_kl_before:.5f} -> "

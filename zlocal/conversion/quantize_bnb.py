@@ -26,6 +26,7 @@ from zlocal.checkpoint.checkpoint_io import (
 from zlocal.errors import ConversionError, DependencyError
 from zlocal.formats import convert_format, convert_methods
 from zlocal.formats.bnb import BLOCKSIZE_4BIT
+from zlocal.progress import report
 
 BNB_METHODS = convert_methods("bitsandbytes")  # method -> bits
 
@@ -137,9 +138,9 @@ class ByteProgress:
 
     ``with ByteProgress(...) as tick`` gives the callback ``quantize_bnb`` calls per tensor."""
 
-    def __init__(self, total_bytes: int, total_tensors: int, desc: str, quiet: bool):
+    def __init__(self, total_bytes: int, total_tensors: int, desc: str, quiet: bool, progress=None):
         self.total_bytes, self.total_tensors, self.desc, self.quiet = total_bytes, total_tensors, desc, quiet
-        self.done = 0
+        self.done, self.done_bytes, self.progress = 0, 0, progress
 
     def __enter__(self):
         from tqdm import tqdm
@@ -159,6 +160,14 @@ class ByteProgress:
             self.done += 1
             self.bar.set_postfix_str(f"{self.done}/{self.total_tensors} tensors", refresh=False)
             self.bar.update(entry.nbytes)
+            self.done_bytes += entry.nbytes
+            report(
+                self.progress,
+                "convert",
+                self.done_bytes,
+                self.total_bytes,
+                message=f"{self.done}/{self.total_tensors} tensors",
+            )
 
         return tick
 
