@@ -16,8 +16,6 @@ measured for bitsandbytes after ``model.dequantize()``.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -30,30 +28,11 @@ from zlocal.checkpoint.checkpoint_io import TensorStore, checkpoint_shards
 from zlocal.conversion.tune_scales import _layer_kwargs
 from zlocal.formats import checkpoint_format
 from zlocal.formats.gptq_cpu import stores_v1_zeros, unpack, zero_points
+from zlocal.kernels.heap import release_freed_memory
 
 # Architectures whose forward is exactly embed -> decoder layers -> norm -> lm_head (no embedding
 # scale or other step between them that the skeleton would miss).
 STREAMABLE_TYPES = {"llama", "mistral", "qwen2"}
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim; nothing elsewhere).
-
-    A layer pass allocates and frees hundreds of MB in pieces below glibc's mmap threshold (hidden
-    states, activations, the smaller weights); the freed pieces stay resident and fragment, so on a
-    7B the resident set crept up layer after layer (3.4 GB peak over 64 layer passes) where one pass
-    needs about 1.4 GB. Trimming after each layer keeps it flat."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _config(path: Path) -> dict:

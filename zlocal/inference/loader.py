@@ -35,7 +35,8 @@ from zlocal.formats import checkpoint_format, get_format
 from zlocal.inference.fastpath import unsupported_reason
 from zlocal.inference.loader_prepared import cache_enabled, load_cached, prepared_key, save_cached
 from zlocal.inference.loader_stream import first_line, is_oom, stream_load
-from zlocal.inference.prepare import prepare_decoder, release_freed_memory
+from zlocal.inference.prepare import prepare_decoder
+from zlocal.kernels.heap import release_freed_memory
 from zlocal.progress import report
 
 SUPPORTED_MODEL_TYPES = {"mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo2"}

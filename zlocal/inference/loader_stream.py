@@ -12,7 +12,7 @@ from zlocal.checkpoint.checkpoint_io import TensorStore
 from zlocal.checkpoint.resolve import ResolvedModel
 from zlocal.errors import CheckpointError
 from zlocal.formats import get_format
-from zlocal.inference.prepare import release_freed_memory
+from zlocal.kernels.heap import release_freed_memory
 from zlocal.progress import report
 
 

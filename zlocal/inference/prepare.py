@@ -11,8 +11,6 @@ changes the HF modules after load.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import weakref
 from dataclasses import dataclass
 
@@ -21,25 +19,11 @@ from torch import nn
 
 from zlocal.kernels import cpu_quant
 from zlocal.kernels.dense_kernels import DenseLinear, PackedLinear, _packs, pack_weight
+from zlocal.kernels.heap import release_freed_memory
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-@functools.cache
-def _libc():
-    try:
-        lib = ctypes.CDLL("libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed C-heap blocks back to the OS (glibc's ``malloc_trim``; elsewhere a
-    no-op). Large tensors freed while loading otherwise stay in the process's resident set."""
-    lib = _libc()
-    if lib is not None:
-        lib.malloc_trim(0)
 
 
 def _plain(lin) -> bool:

@@ -19,8 +19,6 @@ Lock protocol (what ``Runtime`` documents):
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import sys
 import threading
@@ -32,6 +30,7 @@ import torch
 
 from zlocal.errors import BusyError, RuntimeClosedError
 from zlocal.inference.engine import GenerationResponse
+from zlocal.kernels.heap import release_freed_memory
 
 if TYPE_CHECKING:
     from zlocal.inference.runtime import Runtime
@@ -72,9 +71,7 @@ def forget_model(model) -> None:
 def return_memory() -> None:
     """Collect the freed model's cycles and hand freed heap pages back to the OS (glibc)."""
     gc.collect()
-    # Not glibc (OSError, AttributeError): the memory is free for reuse, just not returned.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
 
 
 class StreamCancel:

@@ -12,11 +12,11 @@ requests.
 
 from __future__ import annotations
 
-import ctypes
 import json
 from typing import Any
 
 from zlocal.errors import ContextOverflowError, ZlocalError
+from zlocal.kernels.heap import release_freed_memory
 from zlocal.serving.server_schema import (
     TOKEN_BUDGET,
     APIError,
@@ -35,29 +35,10 @@ CHARS_PER_TOKEN = 4
 LARGE_BYTES = 256 * 1024
 
 
-def _load_malloc_trim():
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only; musl and macOS have none
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def release_memory() -> bool:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim(0)``); False where unavailable.
-
-    glibc keeps freed memory in its arenas (one per thread that allocated) and raises its mmap
-    threshold after big frees, so a large tokenize would otherwise stay in the RSS for good.
-    """
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
+    """Give freed heap pages back to the OS after a large body (see zlocal.kernels.heap); False
+    where the C library cannot."""
+    return release_freed_memory()
 
 
 def _too_large(what: str, size: int, limit: int, unit: str, code: str) -> APIError:
