@@ -79,11 +79,15 @@ def child_zlocal(model: str, bits: int) -> dict:
     t1 = time.perf_counter()
     rt = load(model, plan=plan)
     ready = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    rt.generate("The capital of France is", max_new_tokens=1, temperature=0)
+    first = time.perf_counter() - t2
     rt.generate("The capital of France is", max_new_tokens=8, temperature=0)
     out = peaks.stop()
     return {
         "imports_and_plan_s": round(imports, 3),
         "load_s": round(ready, 3),
+        "first_token_s": round(first, 3),
         "rss_before_load_gib": round(base["VmRSS"], 3),
         "anon_before_load_gib": round(base["RssAnon"], 3),
         "estimated_ram_gib": round(rt.plan.estimated_ram_bytes / 2**30, 3),
@@ -103,11 +107,16 @@ def child_llama(gguf: str) -> dict:
     t1 = time.perf_counter()
     m = llama_cpp.Llama(model_path=gguf, n_threads=os.cpu_count(), n_ctx=512, verbose=False)
     ready = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    m.create_completion("The capital of France is", max_tokens=1, temperature=0)
+    first = time.perf_counter() - t2
+    m.reset()
     m.create_completion("The capital of France is", max_tokens=8, temperature=0)
     out = peaks.stop()
     return {
         "imports_s": round(imports, 3),
         "load_s": round(ready, 3),
+        "first_token_s": round(first, 3),
         "rss_before_load_gib": round(base["VmRSS"], 3),
         **out,
     }
@@ -192,6 +201,8 @@ def bench_model(model: str, bits: int, args, env: dict) -> dict:
         "prepared_load_s": med(r["load_s"] for r in warm),
         "llama_cpp_load_s": med(r["load_s"] for r in llama),
     }
+    res["prepared_first_token_s"] = med(r["first_token_s"] for r in warm)
+    res["llama_cpp_first_token_s"] = med(r["first_token_s"] for r in llama)
     res["prepared_minus_llama_cpp_s"] = round(res["prepared_load_s"] - res["llama_cpp_load_s"], 3)
     print(
         f"  load: from the checkpoint {cold['load_s']} s, prepared {res['prepared_load_s']} s, "

@@ -79,7 +79,7 @@ def test_second_load_maps_the_prepared_form_and_computes_the_same(model_copy, pr
     events.clear()
     second = _load(model_copy, fmt, events=events)
     assert any("mapped from the prepared form" in r for r in second.plan.reasons)
-    assert [e.stage for e in events] == ["map", "warm-up", "ready"]
+    assert [e.stage for e in events] == ["map", "ready"]
     weights = os.path.join(entry.path, prepared_cache.ENTRY_WEIGHTS)
     layer = prepare_decoder(second.model).layers[0]
     # the fused kernels' weights and the HF modules' views point into the mapped file

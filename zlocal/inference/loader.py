@@ -317,7 +317,11 @@ def load_for_runtime(
 
 
 def _from_cache(resolved, config, lp, progress) -> LoadedModel | None:
-    """The model mapped from its prepared form in the cache, warmed up; None on a miss."""
+    """The model mapped from its prepared form in the cache; None on a miss.
+
+    No warm-up forward: mapped weights allocate nothing that could run out of memory, and their
+    pages are brought in by a background thread while the caller goes on (as llama.cpp's mmap load
+    returns before the weights are read)."""
     key = prepared_key(resolved, lp)
     hit = load_cached(resolved, config, lp, key, progress) if key is not None else None
     if hit is None:
@@ -336,8 +340,6 @@ def _from_cache(resolved, config, lp, progress) -> LoadedModel | None:
         max_context=lp.max_context,
         plan=lp,
     )
-    report(progress, "warm-up", 0, 1, "steps")
-    _warm_up(model)
     report(progress, "ready", 1, 1, "steps")
     return loaded
 
