@@ -135,28 +135,12 @@ def gguf_for(model_dir: Path, name: str, bits: int, gguf_dir: Path) -> Path:
     """Q8_0 straight from llama.cpp's converter; Q4_0 re-quantized from it (the bench reads load
     time and memory, not quality, and this avoids a 14 GB f16 intermediate for the 7B)."""
     sys.path.insert(0, str(HERE))
-    from bench_vs_llamacpp import _env, llama_cpp_source
+    from bench_vs_llamacpp import hf_to_gguf, llama_cpp_source
 
     gguf_dir.mkdir(parents=True, exist_ok=True)
     q8 = gguf_dir / f"{name}-q8_0.gguf"
     if not q8.exists():
-        src = llama_cpp_source(gguf_dir.parent / "llama-cpp-src")
-        tmp = q8.with_suffix(".tmp")
-        subprocess.run(
-            [
-                sys.executable,
-                str(src / "convert_hf_to_gguf.py"),
-                str(model_dir),
-                "--outtype",
-                "q8_0",
-                "--outfile",
-                str(tmp),
-            ],
-            check=True,
-            env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
-            stdout=subprocess.DEVNULL,
-        )
-        tmp.rename(q8)
+        hf_to_gguf(llama_cpp_source(gguf_dir.parent / "llama-cpp-src"), model_dir, "q8_0", q8)
     if bits == 8:
         return q8
     q4 = gguf_dir / f"{name}-q4_0.gguf"

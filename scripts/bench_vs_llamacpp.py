@@ -118,21 +118,7 @@ def gguf_files(model_dir: Path, name: str, src: Path, head: str = "default") -> 
     d.mkdir(exist_ok=True)
     f16 = d / f"{name}-f16.gguf"
     if not f16.exists():
-        tmp = f16.with_suffix(".tmp")
-        subprocess.run(
-            [
-                sys.executable,
-                str(src / "convert_hf_to_gguf.py"),
-                str(model_dir),
-                "--outtype",
-                "f16",
-                "--outfile",
-                str(tmp),
-            ],
-            check=True,
-            env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
-        )
-        tmp.rename(f16)
+        hf_to_gguf(src, model_dir, "f16", f16)
     out = {}
     for _bits, (_, qtype) in PAIRS.items():
         q8_head = head == "q8_0" and qtype == "Q4_0"
@@ -155,6 +141,27 @@ def gguf_files(model_dir: Path, name: str, src: Path, head: str = "default") -> 
             tmp.rename(q)
         out[qtype] = q
     return out
+
+
+def hf_to_gguf(src: Path, model_dir: Path, outtype: str, out: Path) -> None:
+    """``model_dir`` converted by llama.cpp's own converter (from its source ``src``) to ``out``,
+    written beside it and renamed when complete."""
+    tmp = out.with_suffix(".tmp")
+    subprocess.run(
+        [
+            sys.executable,
+            str(src / "convert_hf_to_gguf.py"),
+            str(model_dir),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(tmp),
+        ],
+        check=True,
+        env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
+        stdout=subprocess.DEVNULL,
+    )
+    tmp.rename(out)
 
 
 def _env() -> dict:
