@@ -232,12 +232,13 @@ def load_transient_bytes(shape: ModelShape, head_format: str | None = None) -> i
     """Bytes in flight on top of the loaded model while a checkpoint is read and quantized on load.
 
     Each weight is quantized straight from the mapped checkpoint (its pages dropped once consumed)
-    in row blocks of a few MiB, so what is in flight is the largest weight's codes and their packed
-    copy: about two bytes per weight of the largest matrix quantized, the head when it is
-    quantized, else a decoder projection. A load from the prepared form maps weights already
-    packed and has none of this.
+    in row blocks of a few MiB, so what is in flight is the largest weight's codes and part of their
+    packed copy: 1.5 bytes per weight of the largest matrix quantized (the head when it is quantized,
+    else a decoder projection), calibrated on SmolLM2 and the 7B shape (``scripts/bench_load.py``:
+    the peaks over the mapped load's were 0.03-0.23 GiB). A load from the prepared form maps weights
+    already packed and has none of this.
     """
     biggest = max(o * i for o, i in shape.linear_shapes())
     if head_format is not None:
         biggest = max(biggest, shape.vocab_size * shape.hidden_size)
-    return 2 * biggest
+    return 3 * biggest // 2
