@@ -146,3 +146,25 @@ def test_record_names_every_module(model_copy, prep_dir):
     assert "fused" in doc["layers"][0]["qkv"] and "module" in doc["layers"][0]["o"]
     blobs = doc["blobs"]
     assert all(b["offset"] % 4096 == 0 for b in blobs)
+
+
+def test_clear_removes_entries_and_temporaries_only(model_copy, prep_dir, monkeypatch):
+    _load(model_copy, "int4")
+    mine = prep_dir / "notes"  # ZLOCAL_PREPARED_DIR may point at a folder holding other things
+    mine.mkdir()
+    stale, fresh = prep_dir / ".tmp-dead-1", prep_dir / ".tmp-busy-2"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (1, 1))  # left by a killed writer long ago
+    monkeypatch.setenv("ZLOCAL_PREPARED_CACHE_MAX_GB", "inf")  # not a crash: no cap
+    assert prepared_cache.evict_for(1)
+    assert not stale.exists() and fresh.exists()
+    assert prepared_cache.clear_prepared() > 0
+    assert sorted(p.name for p in prep_dir.iterdir()) == ["notes"]
+
+
+def test_mapped_load_keeps_the_generation_config(model_copy, prep_dir):
+    first = _load(model_copy, "int8").model.generation_config.to_dict()
+    second = _load(model_copy, "int8")
+    assert any("mapped" in r for r in second.plan.reasons)
+    assert second.model.generation_config.to_dict() == first

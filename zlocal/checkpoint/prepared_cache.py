@@ -7,6 +7,7 @@ to a temporary folder and renamed into place, so a half-written one is never lis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from zlocal.errors import InvalidArgumentError
 from zlocal.paths import cache_dir
 
 ENTRY_META = "prepared.json"
+TMP_PREFIX = ".tmp-"  # an entry being written (renamed into place when complete)
+_STALE_TMP_S = 6 * 3600  # older than any write: left by a process that was killed
 ENTRY_WEIGHTS = "weights.bin"
 DEFAULT_CAP_BYTES = 64 << 30
 
@@ -46,13 +49,14 @@ def prepared_dir() -> Path:
 
 
 def cap_bytes() -> int:
-    """The cache's size cap: ``ZLOCAL_PREPARED_CACHE_MAX_GB`` (GiB, may be fractional), else 64 GiB."""
+    """The cache's size cap: ``ZLOCAL_PREPARED_CACHE_MAX_GB`` (GiB, may be fractional; inf: none), else 64 GiB."""
     raw = os.environ.get("ZLOCAL_PREPARED_CACHE_MAX_GB")
     if not raw:
         return DEFAULT_CAP_BYTES
     try:
-        return int(float(raw) * (1 << 30))
-    except ValueError:
+        gib = float(raw)
+        return 1 << 62 if gib == float("inf") else int(gib * (1 << 30))  # inf: no cap
+    except (ValueError, OverflowError):
         raise InvalidArgumentError(
             f"ZLOCAL_PREPARED_CACHE_MAX_GB must be a number of GiB, got {raw!r}"
         ) from None
@@ -100,14 +104,28 @@ def remove_prepared(key: str) -> int:
     return matches[0].size_bytes
 
 
-def clear_prepared() -> int:
-    """Delete every entry (and any leftover temporary folder); returns the bytes freed."""
+def _temporaries(older_than_s: float = 0.0) -> list[Path]:
     root = prepared_dir()
-    freed = sum(e.size_bytes for e in list_prepared())
-    if root.is_dir():
-        for d in root.iterdir():
-            shutil.rmtree(d, ignore_errors=True)
-    return freed
+    if not root.is_dir():
+        return []
+    now = time.time()
+    out = []
+    for d in root.glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if d.is_dir() and now - d.stat().st_mtime >= older_than_s:
+                out.append(d)
+    return out
+
+
+def clear_prepared() -> int:
+    """Delete every entry and leftover temporary folder (nothing else in the folder); returns the
+    bytes freed."""
+    entries = list_prepared()
+    for e in entries:
+        shutil.rmtree(e.path, ignore_errors=True)
+    for d in _temporaries():
+        shutil.rmtree(d, ignore_errors=True)
+    return sum(e.size_bytes for e in entries)
 
 
 def touch(folder: Path) -> None:
@@ -123,6 +141,8 @@ def evict_for(incoming: int, keep: str | None = None) -> bool:
     cap = cap_bytes()
     if incoming > cap:
         return False
+    for d in _temporaries(_STALE_TMP_S):
+        shutil.rmtree(d, ignore_errors=True)
     entries = [e for e in list_prepared() if e.key != keep]
     total = sum(e.size_bytes for e in entries)
     for e in sorted(entries, key=lambda e: e.last_used):

@@ -18,7 +18,7 @@ def run(args) -> int:
 
     entries = list_prepared()
     total = sum(e.size_bytes for e in entries)
-    if not entries and not any(prepared_dir().glob("*")):
+    if not entries and not any(prepared_dir().glob(".tmp-*")):
         print("the prepared cache is empty")
         return 0
     if not confirm(

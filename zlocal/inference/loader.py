@@ -291,7 +291,8 @@ def load_for_runtime(
             release_freed_memory()  # what loading freed: source copies, quantization temporaries
             report(progress, "warm-up", 0, 1, "steps")
             _warm_up(loaded.model)
-            if use_cache and (key := prepared_key(resolved, lp)) is not None:
+            preparable = prepare and unsupported_reason(loaded.model) is None  # Llama/Mistral decoders
+            if use_cache and preparable and (key := prepared_key(resolved, lp)) is not None:
                 note = save_cached(loaded.model, resolved, lp, key, progress)
                 lp.reasons += [note] if note else []
             report(progress, "ready", 1, 1, "steps")

@@ -5,11 +5,12 @@ A CPU load whose decoder runs on zlocal's int4/int8 modules is saved once after 
 quantizing the checkpoint. The key is a hash of what decides the saved bytes: each source file's name,
 size and modification time (hashing a 14 GB source would cost more than the load it saves), the
 plan's weight decisions, the kernel build (its library name hashes the kernel sources and flags), and
-the zlocal and torch versions.
+the zlocal, torch, transformers and accelerate versions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from zlocal.checkpoint import prepared_cache
 from zlocal.progress import report
 
 log = logging.getLogger("zlocal.prepared")
-_SOURCE_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
+_SOURCE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model")
 
 
 def cache_enabled(cache: bool | None) -> bool:
@@ -31,6 +32,15 @@ def cache_enabled(cache: bool | None) -> bool:
     if cache is not None:
         return bool(cache)
     return os.environ.get("ZLOCAL_PREPARED_CACHE", "1") != "0"
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "-"
 
 
 def _kernel_build() -> str:
@@ -57,7 +67,7 @@ def prepared_key(resolved, lp) -> str | None:
     if get_format(lp.cpu_format).dense:
         return None
     what = {
-        "source": _source_identity(Path(resolved.path)),
+        "source": [str(Path(resolved.path).resolve()), _source_identity(Path(resolved.path))],
         "weights": [
             lp.cpu_format,
             lp.group_size,
@@ -67,7 +77,8 @@ def prepared_key(resolved, lp) -> str | None:
             lp.source_bits,
         ],
         "kernels": _kernel_build(),
-        "versions": [zlocal.__version__, torch.__version__],
+        # the record names modules and buffers as this transformers builds them
+        "versions": [zlocal.__version__, torch.__version__, _version("transformers"), _version("accelerate")],
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -82,11 +93,12 @@ def load_cached(resolved, config, lp, key: str, progress=None):
         return None
     try:
         model, doc = load_prepared(folder, config, progress)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any unusable entry: drop it, read the checkpoint
         log.warning("zlocal: the prepared form %s is unusable (%s); loading from %s", key, exc, resolved.name)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    prepared_cache.touch(folder)
+    with contextlib.suppress(OSError):  # a read-only cache, or an entry evicted meanwhile: still loaded
+        prepared_cache.touch(folder)
     return (
         model,
         f"weights mapped from the prepared form {key} ({doc['size'] / 2**30:.2f} GiB, zlocal's cache)",
@@ -131,7 +143,7 @@ def save_cached(model, resolved, lp, key: str, progress=None) -> str | None:
     except NotPreparable as exc:
         log.info("zlocal: no prepared form for %s: %s", resolved.name, exc)
         return None
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - the cache is optional: never fail a finished load
         log.warning("zlocal: could not write the prepared form of %s: %s", resolved.name, exc)
         return None
     report(progress, "save", written, written, message=str(folder))

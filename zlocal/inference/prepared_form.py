@@ -22,6 +22,8 @@ import functools
 import json
 import mmap
 import os
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from zlocal.checkpoint.checkpoint_io import ST_DTYPES, dtype_name
-from zlocal.checkpoint.prepared_cache import ENTRY_META, ENTRY_WEIGHTS
+from zlocal.checkpoint.prepared_cache import ENTRY_META, ENTRY_WEIGHTS, TMP_PREFIX
 from zlocal.kernels.cpu_quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from zlocal.kernels.dense_kernels import DenseLinear
 from zlocal.progress import report
@@ -107,6 +109,9 @@ def describe(model: nn.Module, prepared) -> tuple[dict, dict[str, torch.Tensor]]
     if id(head) not in names:
         raise NotPreparable("the head is not a module of the model")
     record = {"modules": modules, "layers": layers, "head": names[id(head)]}
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:  # from_pretrained read it; the mapped load's from_config would not
+        record["generation_config"] = gen.to_dict()
     return record, tensors
 
 
@@ -142,8 +147,8 @@ def save_prepared(folder: Path, model: nn.Module, prepared, meta: dict, progress
     for b in blobs:
         offsets.append(pos)
         pos += -(-b.numel() // _ALIGN) * _ALIGN
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{folder.name}-", dir=folder.parent))
     try:
         with open(tmp / ENTRY_WEIGHTS, "wb") as f:
             for i, (b, off) in enumerate(zip(blobs, offsets, strict=True)):
@@ -151,6 +156,8 @@ def save_prepared(folder: Path, model: nn.Module, prepared, meta: dict, progress
                 f.write(memoryview(b.numpy()))
                 report(progress, "save", off + b.numel(), pos, message=f"storage {i + 1}/{len(blobs)}")
             f.truncate(pos)
+            f.flush()
+            os.fsync(f.fileno())  # renamed into place only once its bytes are on disk
         doc = {
             **meta,
             "form_version": FORM_VERSION,
@@ -209,8 +216,12 @@ def _populate(mm, size: int) -> None:
     if madvise is None:
         return
     whole = torch.frombuffer(mm, dtype=torch.uint8, count=size)  # holds the map while the call runs
-    threading.Thread(target=madvise, args=(whole.data_ptr(), size, _MADV_POPULATE_READ, whole),
-                     daemon=True, name="zlocal-populate").start()
+    threading.Thread(
+        target=madvise,
+        args=(whole.data_ptr(), size, _MADV_POPULATE_READ, whole),
+        daemon=True,
+        name="zlocal-populate",
+    ).start()
 
 
 _MADV_POPULATE_READ = 22
@@ -218,9 +229,11 @@ _MADV_POPULATE_READ = 22
 
 @functools.cache
 def _libc_madvise():
+    if not sys.platform.startswith("linux"):  # the advice's number is Linux's
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -331,5 +344,9 @@ def load_prepared(folder: Path, config, progress=None):
             embed=inner.embed_tokens, layers=layers, norm=inner.norm, lm_head=model.get_submodule(doc["head"])
         ),
     )
+    if "generation_config" in doc:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_dict(doc["generation_config"])
     model.eval()
     return model, doc

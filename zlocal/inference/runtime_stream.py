@@ -140,6 +140,9 @@ class GenerationStream(Iterator[GenerationResponse]):
             return False
         self._rt._acquire(self, self._wait, self._timeout)
         self._holds_lock = True
+        if self._cancel.is_set():  # cancelled (or the runtime closed) while it waited for the lock
+            self._finish()
+            return False
         threads = self._rt.threads
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # another runtime in this process may have changed it
@@ -197,8 +200,9 @@ class GenerationStream(Iterator[GenerationResponse]):
         return owner is threading.current_thread() or not owner.is_alive() or self._cancel.by_runtime()
 
     def preempt(self) -> bool:
-        """End this stream if it is paused (no thread inside next()); True when it no longer runs."""
-        if not self._step.acquire(blocking=False):
+        """End this stream if it is paused (no thread inside next()); True when it gave the lock back
+        (False when it holds none: a waiter must then wait, not spin)."""
+        if not self._holds_lock or not self._step.acquire(blocking=False):
             return False
         try:
             self._cancel.preempted = True

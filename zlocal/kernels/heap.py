@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 
 @functools.cache
 def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
+        fn = ctypes.CDLL(None).malloc_trim  # glibc only (musl has none)
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
