@@ -49,7 +49,8 @@ def prepared_dir() -> Path:
 
 
 def cap_bytes() -> int:
-    """The cache's size cap: ``ZLOCAL_PREPARED_CACHE_MAX_GB`` (GiB, may be fractional; inf: none), else 64 GiB."""
+    """The cache's size cap: ``ZLOCAL_PREPARED_CACHE_MAX_GB`` (GiB, may be fractional; inf: none),
+    else 64 GiB."""
     raw = os.environ.get("ZLOCAL_PREPARED_CACHE_MAX_GB")
     if not raw:
         return DEFAULT_CAP_BYTES
