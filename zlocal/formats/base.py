@@ -44,6 +44,8 @@ class WeightFormat:
     label: str = ""  # how reports name the checkpoints' family ("bitsandbytes", "GPTQ")
     # its CUDA modules run inside zlocal's captured one-token decode graph (zlocal.inference.decode_step)
     gpu_graph: bool = False
+    # host memory its library adds once imported (gptqmodel brings torchao and triton), in bytes
+    library_bytes: int = 0
 
     def linear_bytes(self, out_f: int, in_f: int, *, compute_bytes: int, bits: int, group_size: int) -> int:
         """Resident bytes of one (out_f, in_f) Linear weight."""

@@ -224,7 +224,8 @@ def estimate(
             est.gpu_activations = act
             est.gpu_overhead = CUDA_CONTEXT_BYTES
         est.cpu_activations = act if cpu_layers else act // 4
-        est.cpu_overhead = HOST_RUNTIME_BYTES
+        libraries = max(get_format(f).library_bytes for f in {gpu_format, cpu_format})
+        est.cpu_overhead = HOST_RUNTIME_BYTES + libraries
     return est
 
 
