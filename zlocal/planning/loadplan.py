@@ -183,7 +183,8 @@ class LoadPlan:
             f"compute dtype: {self.compute_dtype}   "
             f"KV cache: {self.kv_cache_dtype}, {self.max_context} tokens",
             f"VRAM: {self.estimated_vram_bytes / GIB:.2f} GiB of {self.usable_vram_bytes / GIB:.2f} usable   "
-            f"RAM: {self.estimated_ram_bytes / GIB:.2f} GiB of {self.usable_ram_bytes / GIB:.2f} usable",
+            f"RAM: {self.estimated_ram_bytes / GIB:.2f} GiB of {self.usable_ram_bytes / GIB:.2f} usable "
+            "(the process's peak resident set)",
             f"predicted decode: {self.predicted_decode_tok_s:.1f} tok/s",
         ]
         return "\n".join(lines + [f"- {r}" for r in self.reasons])
