@@ -136,7 +136,7 @@ def gguf_for(model_dir: Path, name: str, bits: int, gguf_dir: Path) -> Path:
     """Q8_0 straight from llama.cpp's converter; Q4_0 re-quantized from it (the bench reads load
     time and memory, not quality, and this avoids a 14 GB f16 intermediate for the 7B)."""
     sys.path.insert(0, str(HERE))
-    from bench_vs_llamacpp import hf_to_gguf, llama_cpp_source
+    from bench_vs_llamacpp import hf_to_gguf, llama_cpp_source, quantize_gguf
 
     gguf_dir.mkdir(parents=True, exist_ok=True)
     q8 = gguf_dir / f"{name}-q8_0.gguf"
@@ -146,29 +146,22 @@ def gguf_for(model_dir: Path, name: str, bits: int, gguf_dir: Path) -> Path:
         return q8
     q4 = gguf_dir / f"{name}-q4_0.gguf"
     if not q4.exists():
-        tmp = q4.with_suffix(".tmp")
-        code = (
-            "import llama_cpp as l, sys\np = l.llama_model_quantize_default_params()\n"
-            "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True; p.nthread = 2\n"
-            "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
-        )
-        subprocess.run(
-            [sys.executable, "-c", code, str(q8), str(tmp)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        tmp.rename(q4)
+        quantize_gguf(q8, q4, "Q4_0", requantize=True)
     return q4
+
+
+def drop_prepared(root: Path, model_dir: Path, bits: int | None = None) -> None:
+    """Remove the prepared forms of ``model_dir`` (of ``bits`` only, if given) from ``root``."""
+    for entry in root.glob("*/prepared.json"):
+        meta = json.loads(entry.read_text())
+        if meta.get("source") == str(model_dir) and bits in (None, meta.get("bits")):
+            shutil.rmtree(entry.parent)
 
 
 def bench_stored(model: str, model_dir: Path, args, env: dict) -> dict:
     """A checkpoint stored quantized: its first load (moved onto zlocal's kernels) and the mapped
     loads after it; llama.cpp has no file of the same weights."""
-    prepared_root = Path(env["ZLOCAL_PREPARED_DIR"])
-    for entry in prepared_root.glob("*/prepared.json"):
-        if json.loads(entry.read_text()).get("source") == str(model_dir):
-            shutil.rmtree(entry.parent)
+    drop_prepared(Path(env["ZLOCAL_PREPARED_DIR"]), model_dir)
     print(f"[{model_dir.name}] from the checkpoint ...", file=sys.stderr, flush=True)
     cold = run_child("zlocal", model, "0", env=env)
     warm = [run_child("zlocal", model, "0", env=env) for _ in range(args.repeats)]
@@ -193,11 +186,7 @@ def bench_model(model: str, bits: int, args, env: dict) -> dict:
     name = model_dir.name
     if "quantization_config" in json.loads((model_dir / "config.json").read_text()):
         return bench_stored(model, model_dir, args, env)
-    prepared_root = Path(env["ZLOCAL_PREPARED_DIR"])
-    for entry in prepared_root.glob("*/prepared.json"):  # the cold run quantizes from the checkpoint
-        meta = json.loads(entry.read_text())
-        if meta.get("source") == str(model_dir) and meta.get("bits") == bits:
-            shutil.rmtree(entry.parent)
+    drop_prepared(Path(env["ZLOCAL_PREPARED_DIR"]), model_dir, bits)  # the first load quantizes
     print(f"[{name} {bits}-bit] from the checkpoint ...", file=sys.stderr, flush=True)
     cold = run_child("zlocal", model, str(bits), env=env)
     warm = [run_child("zlocal", model, str(bits), env=env) for _ in range(args.repeats)]

@@ -124,21 +124,7 @@ def gguf_files(model_dir: Path, name: str, src: Path, head: str = "default") -> 
         q8_head = head == "q8_0" and qtype == "Q4_0"
         q = d / f"{name}-{qtype.lower()}{'-head-q8_0' if q8_head else ''}.gguf"
         if not q.exists():
-            tmp = q.with_suffix(".tmp")
-            code = (
-                "import llama_cpp as l, sys\n"
-                "p = l.llama_model_quantize_default_params()\n"
-                f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{qtype}; p.nthread = 2\n"
-                + ("p.output_tensor_type = l.GGML_TYPE_Q8_0\n" if q8_head else "")
-                + "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
-            )
-            subprocess.run(
-                [sys.executable, "-c", code, str(f16), str(tmp)],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            tmp.rename(q)
+            quantize_gguf(f16, q, qtype, q8_head=q8_head)
         out[qtype] = q
     return out
 
@@ -160,6 +146,29 @@ def hf_to_gguf(src: Path, model_dir: Path, outtype: str, out: Path) -> None:
         check=True,
         env={**_env(), "PYTHONPATH": str(src / "gguf-py")},
         stdout=subprocess.DEVNULL,
+    )
+    tmp.rename(out)
+
+
+def quantize_gguf(
+    src: Path, out: Path, qtype: str, *, q8_head: bool = False, requantize: bool = False
+) -> None:
+    """``src`` quantized to ``qtype`` (Q8_0, Q4_0) by llama.cpp's quantizer into ``out``, written beside
+    it and renamed when complete; ``q8_head`` keeps the output layer at Q8_0, ``requantize`` lets the
+    source be quantized already."""
+    tmp = out.with_suffix(".tmp")
+    code = (
+        "import llama_cpp as l, sys\n"
+        "p = l.llama_model_quantize_default_params()\n"
+        f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{qtype}; p.nthread = 2; p.allow_requantize = {requantize}\n"
+        + ("p.output_tensor_type = l.GGML_TYPE_Q8_0\n" if q8_head else "")
+        + "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     tmp.rename(out)
 

@@ -109,19 +109,15 @@ def save_cached(model, resolved, lp, key: str, progress=None) -> str | None:
     """Write ``model``'s prepared form as entry ``key``; returns a plan note, or None when it was
     not written (a model it cannot record, the size cap, too little disk: logged, never raised)."""
     from zlocal.inference.prepare import prepare_decoder
-    from zlocal.inference.prepared_form import NotPreparable, describe, save_prepared
+    from zlocal.inference.prepared_form import NotPreparable, layout, save_prepared
 
     root = prepared_cache.prepared_dir()
     folder = root / key
     if folder.exists():
         return None
     try:
-        prepared = prepare_decoder(model)
-        _, tensors = describe(model, prepared)
-        size = sum(
-            t.untyped_storage().nbytes()
-            for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values()
-        )
+        lay = layout(model, prepare_decoder(model))
+        size = lay.size
         root.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(root).free < size + (2 << 30):
             log.info(
@@ -139,7 +135,7 @@ def save_cached(model, resolved, lp, key: str, progress=None) -> str | None:
             "compute_dtype": _dtype_tag(lp.compute_dtype),
             "key": key,
         }
-        written = save_prepared(folder, model, prepared, meta, progress)
+        written = save_prepared(folder, lay, meta, progress)
     except NotPreparable as exc:
         log.info("zlocal: no prepared form for %s: %s", resolved.name, exc)
         return None

@@ -1,8 +1,8 @@
 """The prepared form: a loaded CPU model saved in its kernels' layout, memory-mapped on later loads.
 
-Quantizing a 7B model on load takes a minute; llama.cpp maps a file already in its kernels' layout.
-After a load whose decoder runs on zlocal's int4/int8 modules (quantized on load, or moved onto them
-from a bitsandbytes or GPTQ checkpoint) the model's tensors are written once, as they sit in memory
+Quantizing a 7B model on load takes half a minute or more; llama.cpp maps a file already in its
+kernels' layout. After a load whose decoder runs on zlocal's int4/int8 modules the model's tensors
+are written once, as they sit in memory
 after ``prepare_decoder`` - packed codes, scales, the fused q/k/v and gate/up weights - to
 ``weights.bin``, each storage once, at page-aligned offsets; ``prepared.json`` records every tensor
 (offset, dtype, shape, stride) and every module that is not the plain HF one (which quantized module,
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,15 +139,33 @@ def _storages(tensors: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dic
     return blobs, where
 
 
-def save_prepared(folder: Path, model: nn.Module, prepared, meta: dict, progress=None) -> int:
-    """Write the prepared form of ``model`` into ``folder`` (which must not exist: it is built beside
-    it and renamed into place); returns its size in bytes. Raises NotPreparable (nothing written)."""
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of one prepared form goes: the record, each storage once and its offset."""
+
+    record: dict
+    blobs: list[torch.Tensor]  # uint8 views of the storages, in file order
+    where: dict[str, dict]  # tensor name -> storage index, dtype, shape, stride, offset
+    offsets: list[int]
+    size: int  # bytes of weights.bin
+
+
+def layout(model: nn.Module, prepared) -> Layout:
+    """Lay out ``model`` and its prepared decoder for saving (nothing is written or copied).
+    Raises NotPreparable for a model the form cannot record."""
     record, tensors = describe(model, prepared)
     blobs, where = _storages(tensors)
     offsets, pos = [], 0
     for b in blobs:
         offsets.append(pos)
         pos += -(-b.numel() // _ALIGN) * _ALIGN
+    return Layout(record, blobs, where, offsets, pos)
+
+
+def save_prepared(folder: Path, lay: Layout, meta: dict, progress=None) -> int:
+    """Write the laid-out form into ``folder`` (which must not exist: it is built beside it and
+    renamed into place); returns its size in bytes."""
+    blobs, offsets, pos = lay.blobs, lay.offsets, lay.size
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{folder.name}-", dir=folder.parent))
     try:
@@ -164,8 +183,8 @@ def save_prepared(folder: Path, model: nn.Module, prepared, meta: dict, progress
             "created": time.time(),
             "size": pos,
             "blobs": [{"offset": o, "bytes": b.numel()} for o, b in zip(offsets, blobs, strict=True)],
-            "tensors": where,
-            **record,
+            "tensors": lay.where,
+            **lay.record,
         }
         (tmp / ENTRY_META).write_text(json.dumps(doc))
         os.replace(tmp, folder)
@@ -270,11 +289,12 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _fused(spec: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
     m = _quant_module(spec)
-    for key in list(m._buffers):
-        if f"{prefix}.{key}" in tensors:
-            m._buffers[key] = tensors[f"{prefix}.{key}"]
-        elif key == "codes":
-            m._buffers[key] = None
+    for key, buf in list(m._buffers.items()):
+        name = f"{prefix}.{key}"
+        if name in tensors:  # the code table too, where the module had one
+            m._buffers[key] = tensors[name]
+        elif buf is not None:
+            raise KeyError(f"the prepared form lacks {name}")
     return m
 
 
@@ -315,17 +335,10 @@ def load_prepared(folder: Path, config, progress=None):
     for name, value in tensors.items():
         if not name.startswith("prepared."):
             _assign(model, name, value)
-    for m in model.modules():
-        if (
-            "codes" in getattr(m, "_buffers", {})
-            and m._buffers["codes"] is not None
-            and m._buffers["codes"].is_meta
-        ):
-            m._buffers["codes"] = None
     inner = model.model
     layers = []
     for hf_layer, specs in zip(inner.layers, doc["layers"], strict=True):
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        attn = hf_layer.self_attn
         proj = {p: _projection(specs[p], model, tensors) for p in _PROJECTIONS}
         layers.append(
             LayerWeights(
@@ -337,7 +350,6 @@ def load_prepared(folder: Path, config, progress=None):
                 **proj,
             )
         )
-        del mlp
     register_prepared(
         model,
         PreparedDecoder(
